@@ -1,0 +1,53 @@
+"""sae-circuits: sparse dictionaries spliced into language models with nnsight.
+
+Train and evaluate sparse autoencoders, patch and ablate their features, and discover feature
+circuits, all as ordinary nnsight traces over a model with dictionaries spliced in.
+"""
+
+from sae_circuits.dictionary import (
+    Dictionary,
+    DictionaryConfig,
+    LinearBasis,
+    TiedDictionary,
+    TopKDictionary,
+    Transcoder,
+    UntiedDictionary,
+    load_dictionaries,
+    shipped_sets,
+)
+from sae_circuits.errors import UserInputError
+from sae_circuits.evaluation import METRIC_KEYS, evaluate
+from sae_circuits.models import embedded_model_path, load_model
+from sae_circuits.sites import Site, read_site, valid_sites, write_site
+from sae_circuits.splice import attach, attached, detach, spliced, temporarily_attached
+from sae_circuits.text import read_documents, token_batches
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METRIC_KEYS",
+    "Dictionary",
+    "DictionaryConfig",
+    "LinearBasis",
+    "Site",
+    "TiedDictionary",
+    "TopKDictionary",
+    "Transcoder",
+    "UntiedDictionary",
+    "UserInputError",
+    "attach",
+    "attached",
+    "detach",
+    "embedded_model_path",
+    "evaluate",
+    "load_dictionaries",
+    "load_model",
+    "read_documents",
+    "read_site",
+    "shipped_sets",
+    "spliced",
+    "temporarily_attached",
+    "token_batches",
+    "valid_sites",
+    "write_site",
+]

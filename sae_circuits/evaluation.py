@@ -1,0 +1,173 @@
+"""Quality of spliced dictionaries, measured through nnsight traces over batches of tokens.
+
+Per site, one batched trace runs the clean model (reading features and error), the model with the
+site's error set to zero (the activation replaced by its reconstruction) and the model with the site
+zero-ablated. Metrics, over non-pad positions (and, with `skip_first`, not the first position of a
+context, which is BOS and keeps its activation in every run):
+
+- `mse`: mean over positions and dimensions of (x − x̂)²;  `cosine`: mean cos(x, x̂);
+- `fve`: fraction of variance explained, 1 − Σ‖x − x̂‖² / Σ‖x − mean(x)‖²;
+- `l1`, `l0`: mean sum of |f| and mean count of non-zero features per position;
+- `frac_alive`: fraction of features non-zero at least once;
+- `loss_recovered`: (CE_zero − CE_spliced) / (CE_zero − CE_clean);
+- `kl`: mean KL(clean ‖ spliced) of the next-token distributions; `ce_delta`: CE_spliced − CE_clean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sae_circuits.dictionary import Dictionary
+from sae_circuits.progress import progress_bar
+from sae_circuits.sites import Site
+from sae_circuits.splice import attached, spliced, temporarily_attached
+
+METRIC_KEYS = ("mse", "l1", "l0", "frac_alive", "fve", "cosine", "loss_recovered", "kl", "ce_delta")
+
+
+@dataclass
+class _SiteTotals:
+    """Running sums over evaluated positions for one site."""
+
+    d_dict: int
+    positions: int = 0
+    squared_error: float = 0.0
+    sum_x: torch.Tensor | None = None
+    sum_x_squared: float = 0.0
+    l1: float = 0.0
+    l0: float = 0.0
+    cosine: float = 0.0
+    alive: torch.Tensor | None = None
+    ce_tokens: int = 0
+    ce: dict[str, float] = field(
+        default_factory=lambda: {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    )
+    kl: float = 0.0
+
+    def add_reconstruction(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> None:
+        """Accumulate `(n, d)` activations, reconstructions and `(n, d_dict)` features."""
+        x, x_hat, f = x.double(), x_hat.double(), f.double()
+        active = f != 0
+        self.positions += x.shape[0]
+        self.squared_error += (x - x_hat).pow(2).sum().item()
+        self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
+        self.sum_x_squared += x.pow(2).sum().item()
+        self.l1 += f.abs().sum().item()
+        self.l0 += active.sum().item()
+        self.cosine += F.cosine_similarity(x, x_hat, dim=-1).sum().item()
+        fired = active.any(0)
+        self.alive = fired if self.alive is None else self.alive | fired
+
+    def add_losses(
+        self, clean: torch.Tensor, spliced_logits: torch.Tensor, zero: torch.Tensor, ids, mask
+    ) -> None:
+        """Accumulate next-token CE of the three runs and KL(clean ‖ spliced) over real pairs."""
+        pair_mask = (mask[:, :-1] & mask[:, 1:]).reshape(-1)
+        targets = ids[:, 1:].reshape(-1)[pair_mask]
+        log_probs = {}
+        for name, logits in (("clean", clean), ("spliced", spliced_logits), ("zero", zero)):
+            flat = logits[:, :-1].reshape(-1, logits.shape[-1])[pair_mask].double()
+            log_probs[name] = flat.log_softmax(-1)
+            self.ce[name] += F.nll_loss(log_probs[name], targets, reduction="sum").item()
+        self.kl += F.kl_div(
+            log_probs["spliced"], log_probs["clean"], log_target=True, reduction="sum"
+        ).item()
+        self.ce_tokens += int(pair_mask.sum())
+
+    def metrics(self) -> dict[str, float]:
+        n = max(self.positions, 1)
+        d = self.sum_x.numel() if self.sum_x is not None else 1
+        total_variance = self.sum_x_squared - (self.sum_x.pow(2).sum().item() / n if n else 0)
+        ce = {name: value / max(self.ce_tokens, 1) for name, value in self.ce.items()}
+        gap = ce["zero"] - ce["clean"]
+        return {
+            "mse": self.squared_error / (n * d),
+            "l1": self.l1 / n,
+            "l0": self.l0 / n,
+            "frac_alive": (self.alive.float().mean().item() if self.alive is not None else 0.0),
+            "fve": 1 - self.squared_error / total_variance if total_variance > 0 else float("nan"),
+            "cosine": self.cosine / n,
+            "loss_recovered": (ce["zero"] - ce["spliced"]) / gap if gap != 0 else float("nan"),
+            "kl": self.kl / max(self.ce_tokens, 1),
+            "ce_delta": ce["spliced"] - ce["clean"],
+            "ce_clean": ce["clean"],
+            "ce_spliced": ce["spliced"],
+            "ce_zero": ce["zero"],
+            "tokens": self.positions,
+        }
+
+
+def evaluate(
+    model: Any,
+    dictionaries: Mapping[str | Site, Dictionary],
+    batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    skip_first: bool = True,
+    progress: bool = True,
+    total_batches: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Metrics (see module docstring) for each dictionary, keyed by site.
+
+    `batches` yields token ids `(batch, ctx)` or `(ids, attention_mask)` pairs. The dictionaries are
+    attached for the evaluation and the model's previous splices restored afterwards.
+    """
+    sites = sorted((Site.parse(s) for s in dictionaries), key=lambda s: s.order)
+    totals = {str(s): _SiteTotals(dictionaries[_key(dictionaries, s)].d_dict) for s in sites}
+    with (
+        temporarily_attached(model, dictionaries),
+        torch.no_grad(),
+        progress_bar("evaluating", total_batches, enabled=progress) as bar,
+    ):
+        for batch in batches:
+            ids, mask = batch if isinstance(batch, tuple) else (batch, torch.ones_like(batch))
+            mask = mask.bool()
+            scored = mask.clone()
+            if skip_first:
+                scored[:, 0] = False
+            for site in sites:
+                _evaluate_batch(model, site, ids, mask, scored, totals[str(site)])
+            bar.advance(0)
+    return {name: site_totals.metrics() for name, site_totals in totals.items()}
+
+
+def _key(dictionaries: Mapping[str | Site, Dictionary], site: Site) -> str | Site:
+    return next(key for key in dictionaries if Site.parse(key) == site)
+
+
+def _evaluate_batch(
+    model: Any,
+    site: Site,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    scored: torch.Tensor,
+    totals: _SiteTotals,
+) -> None:
+    hook = spliced(model, site)
+    dictionary = attached(model)[str(site)]
+    inputs = {"input_ids": ids, "attention_mask": mask.long()}
+    keep = (~scored).unsqueeze(-1)  # positions whose activation every run leaves untouched
+    with model.trace() as tracer:
+        with tracer.invoke(**inputs):
+            features = hook.features.output.save()
+            error = hook.error.output.save()
+            clean = model.output.logits.save()
+        with tracer.invoke(**inputs):
+            hook.error.output = hook.error.output * keep
+            reconstructed = model.output.logits.save()
+        with tracer.invoke(**inputs):
+            f = hook.features.output
+            hook.features.output = f * keep
+            zero_error = -dictionary.decode(torch.zeros_like(f))
+            hook.error.output = torch.where(keep, hook.error.output, zero_error)
+            zero = model.output.logits.save()
+    x_hat = dictionary.decode(features)
+    x = x_hat + error
+    totals.add_reconstruction(x[scored], x_hat[scored], features[scored])
+    totals.add_losses(clean, reconstructed, zero, ids, mask)
+
+
+__all__ = ["METRIC_KEYS", "evaluate"]

@@ -1,0 +1,67 @@
+"""Load language models as nnsight `TransformersModel`s: the embedded model, a local folder or a hub name."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from nnsight.modeling.transformers import TransformersModel
+from transformers.utils import logging as hf_logging
+
+from sae_circuits.errors import UserInputError
+from sae_circuits.resources import asset_dir
+
+
+def embedded_model_path() -> Path:
+    """The folder of the small GPT-NeoX model shipped with the package."""
+    from sae_circuits.embedded import EMBEDDED_MODEL_NAME
+
+    return asset_dir("models") / EMBEDDED_MODEL_NAME
+
+
+def load_model(
+    name_or_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> TransformersModel:
+    """An nnsight model with real weights, in eval mode with frozen parameters.
+
+    `name_or_path` is a local Hugging Face folder or a hub name (needs a machine that reaches the
+    hub); None loads the embedded model. Gradients for attribution flow through spliced dictionary
+    features, so the model's own parameters need none.
+    """
+    source = embedded_model_path() if name_or_path is None else name_or_path
+    local = Path(source).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise UserInputError(f"{local} is not a Hugging Face model folder (no config.json)")
+    location = str(local) if local.exists() else str(source)
+    hf_logging.disable_progress_bar()  # keep stderr to our own progress and errors
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = TransformersModel(
+                location,
+                task="text-generation",
+                dispatch=True,
+                dtype=dtype,
+            )
+        except (OSError, ValueError) as error:
+            raise UserInputError(
+                f"cannot load model {location!r}: not a local model folder, and the hub could "
+                f"not provide it ({str(error).splitlines()[0]})"
+            ) from None
+    model._module.to(device)
+    model._module.requires_grad_(False)
+    model._module.eval()
+    tokenizer = model.tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model
+
+
+def model_name(model: TransformersModel) -> str:
+    """A short name for configs and reports: the folder name or the hub id."""
+    name = getattr(model.config, "_name_or_path", "") or "model"
+    return Path(name).name if Path(name).exists() else name

@@ -1,0 +1,107 @@
+"""Tiny random-initialised models of each supported architecture, saved as Hugging Face folders.
+
+Used by the test suite and the benchmarks; also handy for testing code built on this library without
+downloading anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+ARCHITECTURES = ("gpt_neox", "gpt2", "llama", "qwen2")
+
+SAMPLE_TEXT = (
+    "When Mary and John went to the store, John gave a drink to Mary. "
+    "The keys to the cabinet are on the table. def add(a, b):\n    return a + b\n"
+    "Sparse autoencoders find interpretable features in language models. "
+)
+
+
+def build_tokenizer(vocab_size: int = 300, text: str = SAMPLE_TEXT) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `text`; any string can be encoded."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator([text] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+
+
+def random_model_config(
+    architecture: str, vocab_size: int, d_model: int = 32, n_layers: int = 2, n_heads: int = 4
+):
+    """A small config of the given architecture (`gpt_neox`, `gpt2`, `llama` or `qwen2`)."""
+    special = {"bos_token_id": 0, "eos_token_id": 0}
+    if architecture == "gpt_neox":
+        return GPTNeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            intermediate_size=4 * d_model,
+            max_position_embeddings=256,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            **special,
+        )
+    if architecture == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=n_heads,
+            n_positions=256,
+            **special,
+        )
+    if architecture in ("llama", "qwen2"):
+        config_class = LlamaConfig if architecture == "llama" else Qwen2Config
+        return config_class(
+            vocab_size=vocab_size,
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_heads,
+            intermediate_size=3 * d_model,
+            max_position_embeddings=256,
+            **special,
+        )
+    raise ValueError(f"unknown architecture {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
+
+
+def save_random_model(
+    folder: str | Path,
+    architecture: str = "gpt_neox",
+    d_model: int = 32,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    seed: int = 0,
+) -> Path:
+    """Save a random-initialised causal LM and its tokenizer into `folder`; return the folder."""
+    folder = Path(folder)
+    tokenizer = build_tokenizer()
+    config = random_model_config(architecture, len(tokenizer), d_model, n_layers, n_heads)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
