@@ -14,27 +14,10 @@ import tempfile
 import time
 
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from sae_circuits import Dictionary, DictionaryConfig, attach, detach, load_model
 from sae_circuits.sites import torch_module
-from sae_circuits.testing import build_tokenizer
-
-
-def pythia_70m_shaped(folder: str) -> None:
-    config = GPTNeoXConfig(
-        vocab_size=50304,
-        hidden_size=512,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        intermediate_size=2048,
-        rotary_pct=0.25,
-        max_position_embeddings=2048,
-        use_parallel_residual=True,
-    )
-    torch.manual_seed(0)
-    GPTNeoXForCausalLM(config).save_pretrained(folder)
-    build_tokenizer().save_pretrained(folder)
+from sae_circuits.testing import save_pythia_70m_shaped
 
 
 def main() -> None:
@@ -46,8 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as folder:
-        pythia_70m_shaped(folder)
-        model = load_model(folder)
+        model = load_model(save_pythia_70m_shaped(folder))
     ids = torch.randint(0, 50304, (args.batch, args.ctx))
     hf = torch_module(model)
 

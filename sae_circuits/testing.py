@@ -59,7 +59,7 @@ def random_model_config(
             num_hidden_layers=n_layers,
             num_attention_heads=n_heads,
             intermediate_size=4 * d_model,
-            max_position_embeddings=256,
+            max_position_embeddings=2048,
             rotary_pct=0.25,
             use_parallel_residual=True,
             **special,
@@ -95,13 +95,25 @@ def save_random_model(
     n_layers: int = 2,
     n_heads: int = 4,
     seed: int = 0,
+    vocab_size: int | None = None,
 ) -> Path:
-    """Save a random-initialised causal LM and its tokenizer into `folder`; return the folder."""
+    """Save a random-initialised causal LM and its tokenizer into `folder`; return the folder.
+
+    `vocab_size` (default: the tokenizer's) may exceed the tokenizer, e.g. to match a real model's
+    unembedding cost in benchmarks.
+    """
     folder = Path(folder)
     tokenizer = build_tokenizer()
-    config = random_model_config(architecture, len(tokenizer), d_model, n_layers, n_heads)
+    config = random_model_config(
+        architecture, vocab_size or len(tokenizer), d_model, n_layers, n_heads
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def save_pythia_70m_shaped(folder: str | Path, seed: int = 0) -> Path:
+    """A random GPT-NeoX with Pythia-70M's shape (6 layers, d=512, 8 heads, vocab 50304)."""
+    return save_random_model(folder, "gpt_neox", 512, 6, 8, seed=seed, vocab_size=50304)

@@ -1,0 +1,144 @@
+"""`sae-circuits train`: harvest activations through nnsight traces and train dictionaries."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from sae_circuits.cli.common import add_json_argument, add_model_argument, console, print_json
+from sae_circuits.errors import UserInputError
+from sae_circuits.evaluation import METRIC_KEYS
+from sae_circuits.models import load_model
+from sae_circuits.pipeline import train_and_evaluate, training_documents
+from sae_circuits.sites import Site
+from sae_circuits.text import default_documents
+from sae_circuits.training import TrainSpec
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train dictionaries on a model's activations",
+        description=(
+            "Harvest activations at one or more sites with nnsight traces into a shuffled "
+            "buffer and train a grid of dictionaries (every --site x --dict-size x --l1) in one "
+            "pass. Each dictionary is evaluated on held-out text and saved with its config and "
+            "metrics: in OUT/<site>/ when there is one dictionary per site, otherwise in "
+            "OUT/<site>/<kind>_<size>_l1-<l1>/. An interrupted run resumes from OUT/.checkpoint."
+        ),
+    )
+    add_model_argument(parser)
+    parser.add_argument("--site", action="append", required=True, help="site (repeatable)")
+    parser.add_argument("--kind", default="untied", choices=("untied", "tied", "topk"))
+    parser.add_argument(
+        "--dict-size", type=int, action="append", help="dictionary size (repeatable; default 4096)"
+    )
+    parser.add_argument(
+        "--l1", type=float, action="append", help="sparsity coefficient (repeatable; default 1e-3)"
+    )
+    parser.add_argument("--sparsity", default="l1", choices=("l1", "entropy"))
+    parser.add_argument("--k", type=int, help="active features per input for --kind topk")
+    parser.add_argument("--tokens", type=int, default=2_000_000, help="training activations")
+    parser.add_argument("--batch-size", type=int, default=1024, help="activations per step")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=200)
+    parser.add_argument("--decay-start", type=float, help="start of linear LR decay (fraction)")
+    parser.add_argument("--resample-every", type=int, help="resample dead features every N steps")
+    parser.add_argument("--dead-window", type=int, default=500, help="steps without firing = dead")
+    parser.add_argument("--normalize", action="store_true", help="normalise activation scale")
+    parser.add_argument("--noise-std", type=float, default=0.0, help="denoising input noise")
+    parser.add_argument("--ctx-len", type=int, default=128)
+    parser.add_argument("--n-ctxs", type=int, default=256, help="contexts held in the buffer")
+    parser.add_argument("--text", help=".txt/.jsonl training text (default: the model's corpus)")
+    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for eval")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--out", required=True, help="output folder")
+    add_json_argument(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    sites = [str(Site.parse(site)) for site in args.site]
+    if len(set(sites)) != len(sites):
+        raise UserInputError("a site is given twice")
+    if args.tokens < args.batch_size:
+        raise UserInputError("--tokens must be at least --batch-size")
+    if args.kind == "topk" and not args.k:
+        raise UserInputError("--kind topk needs --k")
+    sizes = args.dict_size or [4096]
+    l1s = args.l1 or [1e-3]
+    specs = [
+        TrainSpec(
+            key=site,
+            kind=args.kind,
+            d_dict=size,
+            l1=l1,
+            sparsity="topk" if args.kind == "topk" else args.sparsity,
+            k=args.k,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            decay_start=args.decay_start,
+            resample_every=args.resample_every,
+            dead_window=args.dead_window,
+            noise_std=args.noise_std,
+            normalize=args.normalize,
+            seed=args.seed,
+        )
+        for site, size, l1 in itertools.product(sites, sizes, l1s)
+    ]
+    model = load_model(args.model, device=args.device)
+    for site in sites:
+        Site.parse(site).resolve(model)
+    embedded = args.model is None
+    saved = train_and_evaluate(
+        model,
+        specs,
+        args.tokens,
+        Path(args.out),
+        training_documents(embedded, args.text, args.seed),
+        default_documents(embedded),
+        batch_size=args.batch_size,
+        ctx_len=args.ctx_len,
+        n_ctxs=args.n_ctxs,
+        eval_tokens=args.eval_tokens,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    rows = [
+        {
+            "path": str(folder),
+            "site": dictionary.config.site,
+            "kind": dictionary.kind,
+            "dict_size": dictionary.d_dict,
+            "l1": dictionary.config.hyperparameters["l1"],
+            **{_train_key(key): dictionary.config.metrics[key] for key in METRIC_KEYS},
+        }
+        for folder, dictionary in saved
+    ]
+    if args.json:
+        print_json(rows)
+    else:
+        console.print(results_table(rows))
+    return 0
+
+
+def _train_key(metric: str) -> str:
+    """`l1` names the coefficient in train output; the mean L1 norm of the features is `l1_norm`."""
+    return "l1_norm" if metric == "l1" else metric
+
+
+def results_table(rows: list[dict[str, Any]]) -> Table:
+    columns = ("site", "dict_size", "l1", *(_train_key(k) for k in METRIC_KEYS), "path")
+    table = Table(title="trained dictionaries")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("site", "path") else "right")
+    for row in rows:
+        table.add_row(
+            *(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns)
+        )
+    return table

@@ -1,0 +1,75 @@
+"""Train dictionaries on a model end to end: nnsight buffer -> trainer -> evaluation -> saved folders."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sae_circuits.buffer import ActivationBuffer
+from sae_circuits.dictionary import Dictionary
+from sae_circuits.evaluation import evaluate
+from sae_circuits.models import model_name
+from sae_circuits.sites import Site
+from sae_circuits.text import default_documents, read_documents, token_batches
+from sae_circuits.training import TrainSpec, train_dictionaries
+
+CHECKPOINT_DIR = ".checkpoint"
+
+
+def training_documents(model_is_embedded: bool, text: str | None, seed: int) -> Iterator[str]:
+    """Documents to train on: a file, the embedded model's own corpus, or the built-in sample."""
+    if text:
+        return read_documents(text)
+    if model_is_embedded:
+        from sae_circuits.embedded.corpus import iter_corpus
+
+        return iter_corpus("train", seed=seed)
+    return default_documents(False)
+
+
+def output_folder(out: Path, spec: TrainSpec, grid: bool) -> Path:
+    site_folder = out / spec.key
+    return site_folder / f"{spec.kind}_{spec.d_dict}_l1-{spec.l1:g}" if grid else site_folder
+
+
+def train_and_evaluate(
+    model: Any,
+    specs: list[TrainSpec],
+    tokens: int,
+    out: Path,
+    documents: Iterable[str],
+    eval_documents: Iterable[str],
+    batch_size: int = 1024,
+    ctx_len: int = 128,
+    n_ctxs: int = 256,
+    eval_tokens: int = 16384,
+    checkpoint_every: int = 500,
+    seed: int = 0,
+) -> list[tuple[Path, Dictionary]]:
+    """Train `specs` on one buffer stream, evaluate each, save each with its metrics."""
+    sites = sorted({spec.key for spec in specs}, key=lambda s: Site.parse(s).order)
+    contexts = token_batches(model.tokenizer, documents, ctx_len, batch_size=max(n_ctxs // 8, 1))
+    buffer = ActivationBuffer(model, sites, contexts, n_ctxs, ctx_len, batch_size, seed=seed)
+    steps = math.ceil(tokens / batch_size)
+    dictionaries = train_dictionaries(
+        buffer,
+        specs,
+        steps,
+        checkpoint_dir=out / CHECKPOINT_DIR,
+        checkpoint_every=checkpoint_every,
+        model=model_name(model),
+    )
+    eval_batches = list(token_batches(model.tokenizer, eval_documents, ctx_len, 16, eval_tokens))
+    grid = len(specs) > len(sites)
+    saved = []
+    for spec, dictionary in zip(specs, dictionaries, strict=True):
+        metrics = evaluate(
+            model, {spec.key: dictionary}, eval_batches, total_batches=len(eval_batches)
+        )
+        dictionary.config.metrics.update(metrics[spec.key])
+        folder = output_folder(out, spec, grid)
+        dictionary.save(folder)
+        saved.append((folder, dictionary))
+    return saved
