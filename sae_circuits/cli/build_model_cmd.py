@@ -1,0 +1,71 @@
+"""`sae-circuits build-model`: rebuild the embedded model end to end and print its quality metrics."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.table import Table
+
+from sae_circuits.cli.common import add_json_argument, console, print_json
+from sae_circuits.errors import UserInputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "build-model",
+        help="rebuild the embedded model (corpus, tokenizer, training, evaluation) on CPU",
+        description=(
+            "Generate the corpus from the seed, train the byte-level BPE tokenizer and the "
+            "GPT-NeoX model, evaluate IOI / subject-verb agreement on held-out templates and "
+            "write the model folder with its model card (about 20 minutes on 2 CPU cores)."
+        ),
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: the shipped embedded model folder, which is overwritten)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the whole build (default: 0)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: the shipped recipe's)"
+    )
+    add_json_argument(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sae_circuits.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
+    from sae_circuits.embedded.build import build_model
+    from sae_circuits.embedded.evaluate import QUALITY_BAR
+
+    if args.seed < 0:
+        raise UserInputError(f"--seed must be >= 0, got {args.seed}")
+    if args.steps is not None and args.steps < 1:
+        raise UserInputError(f"--steps must be >= 1, got {args.steps}")
+    out = args.out if args.out is not None else embedded_model_dir()
+    overrides = {} if args.steps is None else {"steps": args.steps}
+    record = build_model(out, seed=args.seed, **overrides)
+    result = {
+        "model": EMBEDDED_MODEL_NAME if args.out is None else str(out),
+        "out": str(out),
+        **record,
+    }
+    if args.json:
+        print_json(result)
+        return 0
+    metrics, passed = record["metrics"], record["quality_bar_passed"]
+    table = Table(title=f"{out} (seed {args.seed})")
+    for column in ("metric", "value", "target", "passed"):
+        table.add_column(column)
+    for key, (op, threshold) in QUALITY_BAR.items():
+        ok = "[green]yes" if passed[key] else "[red]no"
+        table.add_row(key, f"{metrics[key]:.4f}", f"{op} {threshold}", ok)
+    table.add_row("text_loss (held-out stdlib)", f"{metrics['text_loss']:.4f}", "", "")
+    console.print(table)
+    console.print(
+        f"corpus sha256 {record['corpus']['sha256']}  size {record['size_mb']} MB  "
+        f"time {record['times_s']['total_s']:.0f} s"
+    )
+    return 0

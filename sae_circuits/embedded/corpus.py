@@ -1,0 +1,156 @@
+"""The training corpus of the embedded model, generated deterministically from a seed.
+
+Documents of three kinds are interleaved so that each kind's share of characters follows `MIX`:
+- "ioi": one IOI sentence (train templates; a share `ABC_SHARE` of them name three people);
+- "sva": 1-3 subject-verb-agreement sentences (train templates);
+- "text": real text shipped with Python itself: docstrings, full-line comment blocks and short
+  function definitions from the standard library (`Lib/**/*.py`, tests excluded), found with `ast`.
+The "heldout" split uses held-out templates and a disjoint 10% of the standard-library files
+(chosen by a hash of the file path, so the split does not depend on the seed).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import random
+import sys
+import sysconfig
+import textwrap
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+from sae_circuits.embedded.task_text import SPLITS, ioi_sentence, sva_sentence
+from sae_circuits.errors import UserInputError
+
+MIX = {"ioi": 0.55, "sva": 0.15, "text": 0.30}  # target share of characters per kind
+ABC_SHARE = (
+    0.1  # share of IOI sentences with three distinct names (answer: either of the first two)
+)
+SVA_ATTRACTOR_SHARE = 0.5  # share of SVA sentences whose distractor noun has the other number
+EXCLUDED_DIRS = {
+    "test",
+    "tests",
+    "site-packages",
+    "idlelib",
+    "lib2to3",
+    "turtledemo",
+    "__pycache__",
+}
+MAX_FUNCTION_LINES = 12
+MAX_DOC_CHARS = 2000
+
+
+def stdlib_dir() -> Path:
+    """The `Lib/` folder of the running Python."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _file_split(rel: str) -> str:
+    return "heldout" if hashlib.sha1(rel.encode()).digest()[0] % 10 == 0 else "train"
+
+
+def stdlib_files(split: str) -> list[Path]:
+    """Standard-library source files of a split, sorted by path."""
+    root = stdlib_dir()
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if EXCLUDED_DIRS.intersection(rel.parts):
+            continue
+        if _file_split(rel.as_posix()) == split:
+            files.append(path)
+    return files
+
+
+def _comment_blocks(lines: list[str]) -> Iterator[str]:
+    block: list[str] = []
+    for line in [*lines, ""]:
+        stripped = line.strip()
+        if stripped.startswith("#") and not stripped.startswith("#!"):
+            block.append(stripped)
+        elif block:
+            if sum(len(b) for b in block) >= 40:
+                yield "\n".join(block)
+            block = []
+
+
+def extract_text(source: str) -> list[str]:
+    """Docstrings, comment blocks and short function definitions of one Python source file."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    lines = source.splitlines()
+    docs: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= 20:
+                docs.append(doc)
+        if (
+            isinstance(node, ast.FunctionDef)
+            and node.end_lineno is not None
+            and node.end_lineno - node.lineno < MAX_FUNCTION_LINES
+        ):
+            segment = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno]))
+            if segment.strip():
+                docs.append(segment)
+    docs.extend(_comment_blocks(lines))
+    return [d[:MAX_DOC_CHARS] for d in docs]
+
+
+@lru_cache(maxsize=2)
+def stdlib_documents(split: str) -> tuple[str, ...]:
+    """All real-text documents of a split, in a fixed order."""
+    docs: list[str] = []
+    for path in stdlib_files(split):
+        docs.extend(extract_text(path.read_text(encoding="utf-8", errors="replace")))
+    if not docs:
+        raise RuntimeError(f"no standard-library text found under {stdlib_dir()}")
+    return tuple(docs)
+
+
+def _text_stream(split: str, rng: random.Random) -> Iterator[str]:
+    docs = list(stdlib_documents(split))
+    while True:  # endless: reshuffle every epoch
+        rng.shuffle(docs)
+        yield from docs
+
+
+def iter_corpus(split: str = "train", seed: int = 0) -> Iterator[str]:
+    """Endless deterministic stream of documents; the kind with the largest deficit against `MIX`
+    (in characters so far) comes next."""
+    if split not in SPLITS:
+        raise UserInputError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    rng = random.Random(f"corpus-{split}-{seed}")
+    text = _text_stream(split, random.Random(f"text-{split}-{seed}"))
+    chars = dict.fromkeys(MIX, 0)
+    while True:
+        total = sum(chars.values()) + 1
+        kind = max(MIX, key=lambda k: MIX[k] - chars[k] / total)
+        if kind == "text":
+            doc = next(text)
+        elif kind == "ioi":
+            doc = ioi_sentence(rng, split, abc=rng.random() < ABC_SHARE)
+        else:
+            k = rng.randint(1, 3)
+            doc = " ".join(sva_sentence(rng, split, SVA_ATTRACTOR_SHARE) for _ in range(k))
+        chars[kind] += len(doc)
+        yield doc
+
+
+def corpus_recipe(seed: int) -> dict[str, object]:
+    """The corpus settings recorded in the model card."""
+    return {
+        "seed": seed,
+        "mix_chars": MIX,
+        "ioi_abc_share": ABC_SHARE,
+        "sva_attractor_share": SVA_ATTRACTOR_SHARE,
+        "stdlib": f"Python {sys.version.split()[0]} Lib/**/*.py minus {sorted(EXCLUDED_DIRS)}",
+        "stdlib_train_files": len(stdlib_files("train")),
+        "stdlib_heldout_files": len(stdlib_files("heldout")),
+        "text_sources": "docstrings, full-line comment blocks, functions under "
+        f"{MAX_FUNCTION_LINES} lines (each cut at {MAX_DOC_CHARS} characters)",
+    }
