@@ -20,6 +20,7 @@ from sae_circuits.evaluation import METRIC_KEYS, evaluate
 from sae_circuits.models import embedded_model_path, load_model
 from sae_circuits.sites import Site, read_site, valid_sites, write_site
 from sae_circuits.splice import attach, attached, detach, spliced, temporarily_attached
+from sae_circuits.tasks import Task, load_task
 from sae_circuits.text import read_documents, token_batches
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "DictionaryConfig",
     "LinearBasis",
     "Site",
+    "Task",
     "TiedDictionary",
     "TopKDictionary",
     "Transcoder",
@@ -42,6 +44,7 @@ __all__ = [
     "evaluate",
     "load_dictionaries",
     "load_model",
+    "load_task",
     "read_documents",
     "read_site",
     "shipped_sets",
