@@ -17,6 +17,13 @@ from sae_circuits.dictionary import (
 )
 from sae_circuits.errors import UserInputError
 from sae_circuits.evaluation import METRIC_KEYS, evaluate
+from sae_circuits.features import (
+    FeatureReport,
+    FrequencyReport,
+    compare_with_neurons,
+    feature_frequencies,
+    inspect_features,
+)
 from sae_circuits.models import embedded_model_path, load_model
 from sae_circuits.sites import Site, read_site, valid_sites, write_site
 from sae_circuits.splice import attach, attached, detach, spliced, temporarily_attached
@@ -29,6 +36,8 @@ __all__ = [
     "METRIC_KEYS",
     "Dictionary",
     "DictionaryConfig",
+    "FeatureReport",
+    "FrequencyReport",
     "LinearBasis",
     "Site",
     "Task",
@@ -39,9 +48,12 @@ __all__ = [
     "UserInputError",
     "attach",
     "attached",
+    "compare_with_neurons",
     "detach",
     "embedded_model_path",
     "evaluate",
+    "feature_frequencies",
+    "inspect_features",
     "load_dictionaries",
     "load_model",
     "load_task",

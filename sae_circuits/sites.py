@@ -42,7 +42,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         mlp="mlp",
         mlp_hidden=("mlp.act", "output"),
         final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out",
+        unembed="lm_head",
     ),
     "gpt2": ArchitectureSpec(
         name="gpt2",

@@ -1,0 +1,125 @@
+"""`sae-circuits inspect`: what a dictionary feature reads and does, or a whole dictionary's firing
+frequencies, or how monosemantic its features are compared with the site's neurons."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from rich.table import Table
+
+from sae_circuits.cli.common import add_json_argument, add_model_argument, console, print_json
+from sae_circuits.cli.eval_cmd import load_dictionary_argument
+from sae_circuits.errors import UserInputError
+from sae_circuits.features import compare_with_neurons, feature_frequencies, inspect_features
+from sae_circuits.models import load_model
+from sae_circuits.sites import Site
+from sae_circuits.text import default_documents, read_documents, token_batches
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="inspect a feature (contexts, histogram, logit effects) or a dictionary's frequencies",
+        description=(
+            "SITE/FEATURE (e.g. resid.2/123): top activating contexts, activation histogram split "
+            "by token, firing frequency, the logit change of every token when the feature is "
+            "ablated on its top contexts, and its direct effect through the unembedding. "
+            "SITE with --frequencies: the firing frequency of every feature; with --vs-neurons: "
+            "how concentrated the top activations of features and of neurons are on one token."
+        ),
+    )
+    parser.add_argument("target", metavar="SITE[/FEATURE]", help="e.g. resid.2/123 or resid.2")
+    add_model_argument(parser)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--dictionaries",
+        metavar="SET",
+        help="a dictionary set shipped for the embedded model (default: main)",
+    )
+    source.add_argument("--dictionary", metavar="DIR", help="dictionary folder")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--frequencies", action="store_true", help="frequencies of all features")
+    mode.add_argument(
+        "--vs-neurons", action="store_true", help="token concentration: features vs. neurons"
+    )
+    parser.add_argument("--top-k", type=int, default=20, help="top contexts per unit (default 20)")
+    parser.add_argument("--text", help=".txt or .jsonl file (default: the model's held-out text)")
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens to scan (default 65536)")
+    parser.add_argument("--ctx-len", type=int, default=128, help="context length (default 128)")
+    parser.add_argument("--batch-size", type=int, default=16, help="contexts per batch")
+    parser.add_argument(
+        "--png",
+        metavar="PATH",
+        help="also save the histograms as a PNG (a feature or --frequencies)",
+    )
+    add_json_argument(parser)
+    parser.set_defaults(run=run)
+
+
+def parse_target(text: str) -> tuple[str, int | None]:
+    """`resid.2/123` -> ("resid.2", 123); `resid.2` -> ("resid.2", None)."""
+    site, slash, feature = text.partition("/")
+    if not slash:
+        return str(Site.parse(site)), None
+    if not feature.isdigit():
+        raise UserInputError(f"bad feature {text!r}: expected SITE/INDEX, e.g. resid.2/123")
+    return str(Site.parse(site)), int(feature)
+
+
+def run(args: argparse.Namespace) -> int:
+    site, feature = parse_target(args.target)
+    if feature is None and not (args.frequencies or args.vs_neurons):
+        raise UserInputError("name a feature (e.g. resid.2/123) or pass --frequencies/--vs-neurons")
+    if feature is not None and (args.frequencies or args.vs_neurons):
+        raise UserInputError("--frequencies and --vs-neurons take a site without a feature")
+    if args.png and args.vs_neurons:
+        raise UserInputError("--png is for a feature or --frequencies, not --vs-neurons")
+    if args.top_k < 1 or args.tokens < args.ctx_len:
+        raise UserInputError("--top-k must be >= 1 and --tokens at least --ctx-len")
+    args.site = site
+    if not args.dictionary and not args.dictionaries:
+        args.dictionaries = "main"
+    site, dictionary = load_dictionary_argument(args)
+    if feature is not None and feature >= dictionary.d_dict:
+        raise UserInputError(
+            f"feature {feature} is out of range: the dictionary at {site} has features "
+            f"0..{dictionary.d_dict - 1}"
+        )
+    model = load_model(args.model, device=args.device)
+    documents = read_documents(args.text) if args.text else default_documents(args.model is None)
+    batches = token_batches(model.tokenizer, documents, args.ctx_len, args.batch_size, args.tokens)
+    total = math.ceil(args.tokens / (args.ctx_len * args.batch_size))
+    if args.vs_neurons:
+        result = compare_with_neurons(
+            model, site, dictionary, batches, args.top_k, total_batches=total
+        )
+        if args.json:
+            print_json({"site": site, "top_k": args.top_k, **result})
+        else:
+            console.print(_comparison_table(site, result))
+        return 0
+    if args.frequencies:
+        report = feature_frequencies(model, site, dictionary, batches, total_batches=total)
+    else:
+        (report,) = inspect_features(
+            model, site, dictionary, batches, [feature], args.top_k, total_batches=total
+        )
+    if args.png:
+        report.save_png(args.png)
+    if args.json:
+        print_json(report.to_json())
+    else:
+        console.print(report)
+    return 0
+
+
+def _comparison_table(site: str, result: dict[str, dict[str, float]]) -> Table:
+    table = Table(title=f"features vs. neurons at {site} (top activations on one token)")
+    keys = list(next(iter(result.values())))
+    table.add_column("basis")
+    for key in keys:
+        table.add_column(key.replace("_", " "), justify="right")
+    for name, values in result.items():
+        table.add_row(name, *(f"{values[key]:.3g}" for key in keys))
+    return table

@@ -1,0 +1,64 @@
+"""What a feature does to the next-token logits.
+
+- `ablation_effects`: on given contexts, the change of every vocabulary logit at the activating
+  position when the feature is set to zero at every position of the context (an nnsight trace over
+  the spliced model: `features.output[:, :, i] = 0` vs. unedited, in one batched trace).
+- `direct_effects`: the decoder direction read straight through the unembedding. The final norm is
+  folded in as a linear map with unit scale: centring (LayerNorm only) and its elementwise weight
+  are applied, the data-dependent division by the activation's norm is left out (a positive factor
+  per position, so token rankings are unaffected): `W_U (γ ⊙ (d − mean d))`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sae_circuits.dictionary import Dictionary
+from sae_circuits.sites import Site, architecture_of, torch_module
+from sae_circuits.splice import spliced, temporarily_attached
+
+
+def ablation_effects(
+    model: Any,
+    site: str | Site,
+    dictionary: Dictionary,
+    feature: int,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """(n, V): ablated minus clean logits at `positions` (n,) of context `rows` (n, L), where -1
+    marks pad positions."""
+    mask = rows >= 0
+    pad = model.tokenizer.pad_token_id or 0
+    inputs = {"input_ids": rows.masked_fill(~mask, pad), "attention_mask": mask.long()}
+    at = torch.arange(rows.shape[0])
+    with temporarily_attached(model, {site: dictionary}), torch.no_grad():
+        hook = spliced(model, site)
+        with model.trace() as tracer:
+            with tracer.invoke(**inputs):
+                clean = model.output.logits[at, positions].save()
+            with tracer.invoke(**inputs):
+                hook.features.output[:, :, feature] = 0
+                ablated = model.output.logits[at, positions].save()
+    return (ablated - clean).float().cpu()
+
+
+def direct_effects(model: Any, directions: torch.Tensor) -> torch.Tensor | None:
+    """(n, V) logit effect of each decoder direction (n, d) through the final norm (unit scale) and
+    the unembedding; None when the directions do not live in the residual stream."""
+    spec = architecture_of(model)
+    module = torch_module(model)
+    # The HF accessor, not `spec.unembed`: transformers 5 names GPT-NeoX's unembedding `lm_head`.
+    unembed = module.get_output_embeddings().weight  # (V, d)
+    if directions.shape[-1] != unembed.shape[1]:
+        return None
+    norm = module.get_submodule(spec.final_norm)
+    d = directions.to(unembed)
+    if isinstance(norm, nn.LayerNorm):
+        d = d - d.mean(-1, keepdim=True)
+    if getattr(norm, "weight", None) is not None:
+        d = d * norm.weight
+    return (d @ unembed.T).float().cpu()
