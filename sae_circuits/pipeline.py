@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from sae_circuits.buffer import ActivationBuffer
 from sae_circuits.dictionary import Dictionary
@@ -29,6 +33,12 @@ def training_documents(model_is_embedded: bool, text: str | None, seed: int) -> 
     return default_documents(False)
 
 
+def checkpoint_dir(out: Path, specs: list[TrainSpec]) -> Path:
+    """`out/.checkpoint/<digest of the specs>`: runs into one folder keep separate checkpoints."""
+    digest = hashlib.sha1(repr([asdict(spec) for spec in specs]).encode()).hexdigest()[:12]
+    return out / CHECKPOINT_DIR / digest
+
+
 def output_folder(out: Path, spec: TrainSpec, grid: bool) -> Path:
     site_folder = out / spec.key
     return site_folder / f"{spec.kind}_{spec.d_dict}_l1-{spec.l1:g}" if grid else site_folder
@@ -47,8 +57,12 @@ def train_and_evaluate(
     eval_tokens: int = 16384,
     checkpoint_every: int = 500,
     seed: int = 0,
+    storage_dtype: torch.dtype | None = None,
 ) -> list[tuple[Path, Dictionary]]:
-    """Train `specs` on one buffer stream, evaluate each, save each with its metrics."""
+    """Train `specs` on one buffer stream, evaluate each, save each with its metrics.
+
+    `storage_dtype` (e.g. torch.float16) shrinks the saved weights; loading restores float32.
+    """
     sites = sorted({spec.key for spec in specs}, key=lambda s: Site.parse(s).order)
     contexts = token_batches(model.tokenizer, documents, ctx_len, batch_size=max(n_ctxs // 8, 1))
     buffer = ActivationBuffer(model, sites, contexts, n_ctxs, ctx_len, batch_size, seed=seed)
@@ -57,7 +71,7 @@ def train_and_evaluate(
         buffer,
         specs,
         steps,
-        checkpoint_dir=out / CHECKPOINT_DIR,
+        checkpoint_dir=checkpoint_dir(out, specs),
         checkpoint_every=checkpoint_every,
         model=model_name(model),
     )
@@ -70,6 +84,6 @@ def train_and_evaluate(
         )
         dictionary.config.metrics.update(metrics[spec.key])
         folder = output_folder(out, spec, grid)
-        dictionary.save(folder)
+        dictionary.save(folder, dtype=storage_dtype)
         saved.append((folder, dictionary))
     return saved

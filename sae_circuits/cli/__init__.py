@@ -10,7 +10,16 @@ from sae_circuits.errors import UserInputError
 
 # Sub-modules of sae_circuits.cli, each defining `register(subparsers)`; the parser it adds sets
 # `run=<callable(args) -> int | None>` as default.
-COMMAND_MODULES = ("eval_cmd", "build_model_cmd", "toy_cmd")
+COMMAND_MODULES = (
+    "demo_cmd",
+    "train_cmd",
+    "eval_cmd",
+    "ioi_cmd",
+    "circuit_cmd",
+    "inspect_cmd",
+    "toy_cmd",
+    "build_model_cmd",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.table import Table
 
 from sae_circuits.cli.common import add_json_argument, add_model_argument, console, print_json
@@ -57,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for eval")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument(
+        "--fp16", action="store_true", help="store weights in float16 (loading gives float32)"
+    )
     parser.add_argument("--out", required=True, help="output folder")
     add_json_argument(parser)
     parser.set_defaults(run=run)
@@ -108,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        storage_dtype=torch.float16 if args.fp16 else None,
     )
     rows = [
         {

@@ -1,0 +1,153 @@
+"""`sae-circuits demo`: the whole toolkit in about a minute, on the embedded model and its dictionaries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from sae_circuits.circuits import task_circuit
+from sae_circuits.circuits.graph import parse_node
+from sae_circuits.cli.circuit_cmd import summary_table
+from sae_circuits.cli.common import add_json_argument, console, print_json
+from sae_circuits.cli.eval_cmd import metrics_table
+from sae_circuits.cli.ioi_cmd import plot_curves, restore_table
+from sae_circuits.dictionary import load_dictionaries
+from sae_circuits.evaluation import METRIC_KEYS, evaluate
+from sae_circuits.features import inspect_features
+from sae_circuits.interventions import compare_bases
+from sae_circuits.interventions import run as run_task
+from sae_circuits.models import load_model
+from sae_circuits.splice import attach, detach
+from sae_circuits.tasks import load_task
+from sae_circuits.text import default_documents, token_batches
+
+QUALITY_SITES = ("resid.1", "mlp.1")
+PATCH_SITE = "resid.2"
+CIRCUIT_SITES = ("resid.0", "resid.1", "resid.2", "resid.3")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="a one-minute tour on the embedded model",
+        description=(
+            "On the embedded model and its shipped dictionaries: IOI performance, the quality of "
+            f"two dictionaries ({', '.join(QUALITY_SITES)}), an IOI feature-patching curve at "
+            f"{PATCH_SITE} against PCA and neurons, the IOI circuit over the residual stream "
+            "(faithfulness and verification of its edges), and one inspected feature. Writes "
+            "JSON, PNG and graph files to --out."
+        ),
+    )
+    parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    parser.add_argument("--prompts", type=int, default=24, help="IOI prompts per split")
+    add_json_argument(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model = load_model()
+    result: dict[str, Any] = {}
+
+    console.rule("[bold]1. IOI on the embedded model")
+    train = load_task("ioi", model, "abc", args.prompts, 0, "train")
+    test = load_task("ioi", model, "abc", args.prompts, 0, "heldout")
+    clean = run_task(model, test).metric
+    corrupt = run_task(model, test, corrupted=True).metric
+    result["ioi"] = {
+        "prompts": len(test),
+        "clean_metric": clean.mean().item(),
+        "corrupt_metric": corrupt.mean().item(),
+        "accuracy": (clean > 0).float().mean().item(),
+    }
+    console.print(
+        f"held-out templates, {len(test)} prompts: logit(IO) - logit(S) = "
+        f"{result['ioi']['clean_metric']:.2f} (IO wins {result['ioi']['accuracy']:.0%}); "
+        f"ABC-corrupted: {result['ioi']['corrupt_metric']:.2f}"
+    )
+
+    console.rule("[bold]2. Dictionary quality (set main)")
+    quality_dicts = load_dictionaries("main", sites=list(QUALITY_SITES))
+    batches = list(token_batches(model.tokenizer, default_documents(True), 128, 16, 4096))
+    quality = evaluate(model, quality_dicts, batches, total_batches=len(batches))
+    result["quality"] = {site: {k: m[k] for k in METRIC_KEYS} for site, m in quality.items()}
+    console.print(metrics_table(quality))
+
+    console.rule(f"[bold]3. IOI feature patching at {PATCH_SITE}: SAE vs PCA vs neurons")
+    patch_dict = load_dictionaries("main", sites=[PATCH_SITE])[PATCH_SITE]
+    curves = {PATCH_SITE: compare_bases(model, train, test, PATCH_SITE, patch_dict, 20)}
+    result["patching"] = {name: c.restored for name, c in curves[PATCH_SITE].items()}
+    console.print(restore_table(curves, 20))
+    files = [_write_json(out / "patching.json", result["patching"])]
+    files += _optional_plot(lambda path: plot_curves(curves, path), out / "patching.png")
+
+    console.rule("[bold]4. The IOI circuit over the residual stream")
+    attach(model, load_dictionaries("main", sites=list(CIRCUIT_SITES)))
+    try:
+        circuit = task_circuit(model, test, max_nodes=40, sizes=(5, 10, 20, 40))
+        console.print(summary_table(circuit))
+        files += circuit.save(out, "circuit_ioi", png=_has_matplotlib())
+    finally:
+        detach(model)
+    result["circuit"] = circuit.summary()
+
+    console.rule("[bold]5. One feature of the circuit, inspected")
+    site, feature = _top_feature(circuit)
+    (report,) = inspect_features(
+        model,
+        site,
+        load_dictionaries("main", sites=[site])[site],
+        batches,
+        [feature],
+        top_k=8,
+        total_batches=len(batches),
+    )
+    console.print(report)
+    result["feature"] = report.to_json()
+    files += _optional_plot(report.save_png, out / "feature.png")
+
+    result["seconds"] = time.perf_counter() - start
+    files.append(_write_json(out / "demo.json", result))
+    result["files"] = [str(f) for f in files]
+    console.rule(f"done in {result['seconds']:.0f} s")
+    for path in files:
+        console.print(f"wrote {path}")
+    if args.json:
+        print_json(result)
+    return 0
+
+
+def _top_feature(circuit) -> tuple[str, int]:
+    """The feature node (not an error node) with the largest |effect|."""
+    ranked = sorted(
+        (n for n in circuit.graph.nodes if parse_node(n)[1] is not None),
+        key=lambda n: -abs(circuit.graph.nodes[n].get("effect", 0.0)),
+    )
+    site, feature = parse_node(ranked[0])
+    return site, feature
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    path.write_text(json.dumps(obj, indent=2, default=str))
+    return path
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _optional_plot(draw, path: Path) -> list[Path]:
+    if not _has_matplotlib():
+        console.print(f"(matplotlib not installed: skipped {path.name}; pip install 'sae-circuits[plots]')")
+        return []
+    draw(path)
+    return [path]

@@ -1,0 +1,111 @@
+"""Quality table and feature-frequency histograms of the shipped dictionary sets.
+
+Reads `dictionaries/<model>/<set>/<site>/config.json` (metrics measured by `sae-circuits train`
+on held-out text), measures feature frequencies on held-out tokens, and writes
+`dictionaries/<model>/README.md` (the table, one row per site) and
+`dictionaries/<model>/<set>/frequencies.png`.
+
+    python scripts/dictionary_report.py [--tokens 32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from sae_circuits import Site, load_dictionaries, load_model, shipped_sets, token_batches
+from sae_circuits.buffer import harvest
+from sae_circuits.embedded import EMBEDDED_MODEL_NAME
+from sae_circuits.resources import asset_dir
+from sae_circuits.text import default_documents
+
+COLUMNS = [
+    ("mse", "MSE", "{:.2e}"),
+    ("l1", "L1", "{:.2f}"),
+    ("l0", "L0", "{:.1f}"),
+    ("frac_alive", "% alive", "{:.1%}"),
+    ("fve", "FVE", "{:.3f}"),
+    ("loss_recovered", "% loss recovered", "{:.1%}"),
+    ("kl", "KL", "{:.4f}"),
+    ("ce_delta", "CE increase", "{:.4f}"),
+]
+
+
+def frequencies(model, dictionaries, tokens: int) -> dict[str, torch.Tensor]:
+    """Share of held-out positions on which each feature fires, per site."""
+    sites = sorted((Site.parse(s) for s in dictionaries), key=lambda s: s.order)
+    counts = {str(s): torch.zeros(dictionaries[str(s)].d_dict) for s in sites}
+    positions = 0
+    for ids in token_batches(model.tokenizer, default_documents(True), 128, 16, tokens):
+        acts = harvest(model, sites, ids, torch.ones_like(ids))
+        with torch.no_grad():
+            for site, x in acts.items():
+                counts[site] += (dictionaries[site].encode(x) > 0).sum(0)
+        positions += next(iter(acts.values())).shape[0]
+    return {site: c / positions for site, c in counts.items()}
+
+
+def histogram(freqs: dict[str, torch.Tensor], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = list(freqs)
+    cols = min(4, len(sites))
+    rows = -(-len(sites) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.2 * rows), squeeze=False)
+    for ax, site in zip(axes.flat, sites, strict=False):
+        f = freqs[site]
+        alive = f[f > 0]
+        ax.hist(torch.log10(alive).numpy(), bins=40, color="tab:blue")
+        ax.set_title(f"{site} ({(f == 0).sum().item()} never fired)", fontsize=8)
+        ax.set_xlabel("log10 feature density", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(sites) :]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def table(set_name: str, dictionaries) -> list[str]:
+    lines = [
+        f"### Set `{set_name}`",
+        "",
+        "| site | size | L1 coef. | " + " | ".join(header for _, header, _ in COLUMNS) + " |",
+        "| --- " * (3 + len(COLUMNS)) + "|",
+    ]
+    for site, d in dictionaries.items():
+        metrics = d.config.metrics
+        cells = [fmt.format(metrics[key]) for key, _, fmt in COLUMNS]
+        lines.append(
+            f"| {site} | {d.d_dict} | {d.config.hyperparameters['l1']:g} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32768)
+    args = parser.parse_args()
+    model = load_model()
+    root = asset_dir("dictionaries") / EMBEDDED_MODEL_NAME
+    sections = []
+    for set_name in shipped_sets():
+        dictionaries = load_dictionaries(set_name)
+        ordered = dict(sorted(dictionaries.items(), key=lambda item: Site.parse(item[0]).order))
+        freqs = frequencies(model, ordered, args.tokens)
+        histogram(freqs, root / set_name / "frequencies.png", f"feature frequencies, set {set_name}")
+        sections += table(set_name, ordered) + ["", f"![frequencies]({set_name}/frequencies.png)", ""]
+    readme = root / "README.md"
+    header, _, _ = readme.read_text().partition("<!-- table -->") if readme.exists() else ("", "", "")
+    readme.write_text(header + "<!-- table -->\n\n" + "\n".join(sections))
+    print("\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
