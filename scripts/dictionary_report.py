@@ -83,7 +83,9 @@ def table(set_name: str, dictionaries) -> list[str]:
         metrics = d.config.metrics
         cells = [fmt.format(metrics[key]) for key, _, fmt in COLUMNS]
         lines.append(
-            f"| {site} | {d.d_dict} | {d.config.hyperparameters['l1']:g} | " + " | ".join(cells) + " |"
+            f"| {site} | {d.d_dict} | {d.config.hyperparameters['l1']:g} | "
+            + " | ".join(cells)
+            + " |"
         )
     return lines
 
@@ -99,10 +101,18 @@ def main() -> None:
         dictionaries = load_dictionaries(set_name)
         ordered = dict(sorted(dictionaries.items(), key=lambda item: Site.parse(item[0]).order))
         freqs = frequencies(model, ordered, args.tokens)
-        histogram(freqs, root / set_name / "frequencies.png", f"feature frequencies, set {set_name}")
-        sections += table(set_name, ordered) + ["", f"![frequencies]({set_name}/frequencies.png)", ""]
+        histogram(
+            freqs, root / set_name / "frequencies.png", f"feature frequencies, set {set_name}"
+        )
+        sections += table(set_name, ordered) + [
+            "",
+            f"![frequencies]({set_name}/frequencies.png)",
+            "",
+        ]
     readme = root / "README.md"
-    header, _, _ = readme.read_text().partition("<!-- table -->") if readme.exists() else ("", "", "")
+    header, _, _ = (
+        readme.read_text().partition("<!-- table -->") if readme.exists() else ("", "", "")
+    )
     readme.write_text(header + "<!-- table -->\n\n" + "\n".join(sections))
     print("\n".join(sections))
 

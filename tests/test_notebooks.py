@@ -14,9 +14,14 @@ def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("SAE_CIRCUITS_QUICK", "1")
     notebook = nbformat.read(path, as_version=4)
     nbclient.NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
     ).execute()
-    errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.output_type == "error"]
+    errors = [
+        o for cell in notebook.cells for o in cell.get("outputs", []) if o.output_type == "error"
+    ]
     assert not errors
 
 

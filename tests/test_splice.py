@@ -169,4 +169,3 @@ def test_bad_attachments(model):
         detach(model, ["resid.0"])
     with pytest.raises(UserInputError, match="no dictionary is attached"):
         spliced(model, "resid.1")
-

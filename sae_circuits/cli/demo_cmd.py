@@ -124,8 +124,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _top_feature(circuit) -> tuple[str, int]:
     """The feature node (not an error node) with the largest |effect|."""
+    features = [n for n in circuit.graph.nodes if "/" in n and not n.endswith("/error")]
     ranked = sorted(
-        (n for n in circuit.graph.nodes if parse_node(n)[1] is not None),
+        features,
         key=lambda n: -abs(circuit.graph.nodes[n].get("effect", 0.0)),
     )
     site, feature = parse_node(ranked[0])
@@ -147,7 +148,9 @@ def _has_matplotlib() -> bool:
 
 def _optional_plot(draw, path: Path) -> list[Path]:
     if not _has_matplotlib():
-        console.print(f"(matplotlib not installed: skipped {path.name}; pip install 'sae-circuits[plots]')")
+        console.print(
+            f"(matplotlib not installed: skipped {path.name}; pip install 'sae-circuits[plots]')"
+        )
         return []
     draw(path)
     return [path]
