@@ -127,7 +127,7 @@ notebook(
         ),
         (
             "code",
-            "top = max((n for n in g if n.startswith('resid.3/')), key=lambda n: abs(g.nodes[n].get('effect', 0)), default=None)\nif top is not None:\n    tree = feature_circuit(model, top, depth=1, top_k=3, tokens=4096 if QUICK else 32768, progress=False)\n    print(tree.summary())\ndetach(model)",
+            "top = max((n for n in g if n.startswith('resid.3/') and not n.endswith('/error')), key=lambda n: abs(g.nodes[n].get('effect', 0)), default=None)\nif top is not None:\n    tree = feature_circuit(model, top, depth=1, top_k=3, tokens=4096 if QUICK else 32768, progress=False)\n    print(tree.summary())\ndetach(model)",
         ),
     ],
 )
