@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-tokens", type=int, default=65536)
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # results survive a timeout
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as folder:
         model = load_model(save_pythia_70m_shaped(folder))

@@ -80,15 +80,14 @@ def save_circuit(
     `<name>.dot` and, if `png`, `<name>.png`; returns the paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    base = directory / name
     data = {**node_link(circuit.graph), "report": circuit.report}
-    json_path = base.with_suffix(".json")
+    json_path = directory / f"{name}.json"
     json_path.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    graphml = base.with_suffix(".graphml")
+    graphml = directory / f"{name}.graphml"
     nx.write_graphml(circuit.graph, graphml)
-    paths = [json_path, graphml, write_dot(circuit.graph, base.with_suffix(".dot"))]
+    paths = [json_path, graphml, write_dot(circuit.graph, directory / f"{name}.dot")]
     if png:
-        paths.append(draw(circuit.graph, base.with_suffix(".png")))
+        paths.append(draw(circuit.graph, directory / f"{name}.png"))
     return paths
 
 
@@ -125,6 +124,25 @@ def _widths(graph: nx.DiGraph, widest: float = 6.0) -> dict[tuple[str, str], flo
     return {(u, v): 0.3 + widest * abs(d["weight"]) / largest for u, v, d in graph.edges(data=True)}
 
 
+def _layout(
+    graph: nx.DiGraph, rows: list[tuple[str, list[str]]], widest: int
+) -> dict[str, tuple[float, float]]:
+    """(x, y) per node: rows from the top down, each ordered by the mean x of its targets (fewer
+    crossings), ties and nodes without placed targets by |effect|."""
+    pos: dict[str, tuple[float, float]] = {}
+    for level in range(len(rows) - 1, -1, -1):
+        names = rows[level][1]
+
+        def key(name: str) -> float:
+            xs = [pos[t][0] for t in graph.successors(name) if t in pos]
+            return sum(xs) / len(xs) if xs else widest
+
+        ordered = sorted(names, key=key)
+        for k, name in enumerate(ordered):
+            pos[name] = ((k + 0.5) / len(names) * widest, level)
+    return pos
+
+
 def figure(graph: nx.DiGraph, title: str | None = None) -> Any:
     """A matplotlib figure of the graph, one row per site."""
     try:
@@ -137,11 +155,7 @@ def figure(graph: nx.DiGraph, title: str | None = None) -> Any:
     widest = max((len(names) for _, names in rows), default=1)
     fig = Figure(figsize=(min(4 + 1.3 * widest, 40), 1.0 + 1.6 * len(rows)))
     ax = fig.subplots()
-    pos = {
-        name: ((k + 0.5) / len(names) * widest, level)
-        for level, (_, names) in enumerate(rows)
-        for k, name in enumerate(names)
-    }
+    pos = _layout(graph, rows, widest)
     widths = _widths(graph)
     for u, v, data in graph.edges(data=True):
         (x0, y0), (x1, y1) = pos[u], pos[v]
