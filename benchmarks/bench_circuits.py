@@ -1,6 +1,6 @@
 """Exact patching vs. attribution patching for the same IOI circuit on the embedded model.
 
-Builds the IOI graph (embed + resid sites by default) twice — `method="attribution"` (gradients)
+Builds the IOI graph (the resid sites by default) twice — `method="attribution"` (gradients)
 and `method="ablation"` (one patched forward per candidate node, batched) — without verification
 or faithfulness, and prints the wall-time ratio (ablation / attribution) and the Spearman rank
 correlation of the two methods' weights on the edges both graphs keep.
@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded model")
     parser.add_argument("--dictionaries", default="main", help="set name or folder")
-    parser.add_argument("--sites", nargs="+", help="default: embed and resid sites")
+    parser.add_argument("--sites", nargs="+", help="default: the resid sites")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-nodes", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="find a circuit of dictionary features",
         description=(
             "With --task: nodes are the features and error terms of the spliced sites (default: "
-            "embed and every resid site of the set), scored by their effect on the task metric "
+            "every resid site of the set), scored by their effect on the task metric "
             "when patched from the clean into the corrupted run (attribution patching, or exact "
             "patching with --method ablation); edges join consecutive sites. Kept nodes and edges "
             "are re-measured the other way and the agreement reported; faithfulness is measured "
@@ -131,7 +131,7 @@ def _task(args: argparse.Namespace, model) -> Task:
 def circuit_dictionaries(
     source: str, sites: list[str] | None, device: str
 ) -> dict[str, Dictionary]:
-    """Dictionaries at `sites` (default: embed and resid sites) from a shipped set or a folder."""
+    """Dictionaries at `sites` (default: the resid sites) from a shipped set or a folder."""
     folder = Path(source)
     if folder.is_dir():
         present = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
@@ -144,9 +144,9 @@ def circuit_dictionaries(
         wanted = None if sites is None else [str(Site.parse(s)) for s in sites]
         found = load_dictionaries(source, sites=wanted, device=device)
     if sites is None:
-        found = {s: d for s, d in found.items() if Site.parse(s).kind in ("embed", "resid")}
+        found = {s: d for s, d in found.items() if Site.parse(s).kind == "resid"}
     if not found:
-        raise UserInputError(f"no embed or resid dictionaries in {source}; name --sites")
+        raise UserInputError(f"no resid dictionaries in {source}; name --sites")
     return found
 
 
