@@ -4,6 +4,14 @@ Train and evaluate sparse autoencoders, patch and ablate their features, and dis
 circuits, all as ordinary nnsight traces over a model with dictionaries spliced in.
 """
 
+from sae_circuits.circuits import (
+    Circuit,
+    faithfulness,
+    faithfulness_curve,
+    feature_circuit,
+    read_node_link,
+    task_circuit,
+)
 from sae_circuits.dictionary import (
     Dictionary,
     DictionaryConfig,
@@ -33,6 +41,12 @@ from sae_circuits.text import read_documents, token_batches
 __version__ = "0.1.0"
 
 __all__ = [
+    "Circuit",
+    "faithfulness",
+    "faithfulness_curve",
+    "feature_circuit",
+    "read_node_link",
+    "task_circuit",
     "METRIC_KEYS",
     "Dictionary",
     "DictionaryConfig",
