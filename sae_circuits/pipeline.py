@@ -33,10 +33,21 @@ def training_documents(model_is_embedded: bool, text: str | None, seed: int) -> 
     return default_documents(False)
 
 
-def checkpoint_dir(out: Path, specs: list[TrainSpec]) -> Path:
-    """`out/.checkpoint/<digest of the specs>`: runs into one folder keep separate checkpoints."""
-    digest = hashlib.sha1(repr([asdict(spec) for spec in specs]).encode()).hexdigest()[:12]
-    return out / CHECKPOINT_DIR / digest
+def checkpoint_dir(out: Path, specs: list[TrainSpec], run: dict[str, Any] | None = None) -> Path:
+    """`out/.checkpoint/<digest>` of the specs and the `run` settings (model, data): runs into one
+    folder keep separate checkpoints, and a resume never continues another model's run."""
+    key = repr(([asdict(spec) for spec in specs], sorted((run or {}).items())))
+    return out / CHECKPOINT_DIR / hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def model_fingerprint(model: Any) -> str:
+    """Name plus a hash of a strided sample of every parameter: changes when the weights do."""
+    digest = hashlib.sha1(model_name(model).encode())
+    with torch.no_grad():
+        for p in model.parameters():
+            sample = p.detach().flatten()[:: max(1, p.numel() // 1024)].float().cpu()
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def output_folder(out: Path, spec: TrainSpec, grid: bool) -> Path:
@@ -67,11 +78,19 @@ def train_and_evaluate(
     contexts = token_batches(model.tokenizer, documents, ctx_len, batch_size=max(n_ctxs // 8, 1))
     buffer = ActivationBuffer(model, sites, contexts, n_ctxs, ctx_len, batch_size, seed=seed)
     steps = math.ceil(tokens / batch_size)
+    run = {
+        "model": model_fingerprint(model),
+        "tokens": tokens,
+        "batch_size": batch_size,
+        "ctx_len": ctx_len,
+        "n_ctxs": n_ctxs,
+        "seed": seed,
+    }
     dictionaries = train_dictionaries(
         buffer,
         specs,
         steps,
-        checkpoint_dir=checkpoint_dir(out, specs),
+        checkpoint_dir=checkpoint_dir(out, specs, run),
         checkpoint_every=checkpoint_every,
         model=model_name(model),
     )

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$(python -c "from sae_circuits.embedded import EMBEDDED_MODEL_NAME as n; print(n)")
 OUT=dictionaries/$MODEL
-TOKENS=${TOKENS:-800000}
+TOKENS=${TOKENS:-1000000}
 COMMON=(--seed 0 --batch-size 1024 --warmup-steps 100 --resample-every 150 --dead-window 100
         --normalize --n-ctxs 256 --ctx-len 128 --eval-tokens 16384 --fp16)
 
@@ -19,14 +19,15 @@ if [[ "${SWEEP:-0}" == 1 ]]; then
 fi
 
 # main: untied, L1, 1024 features (4x the width) at every site; L1 per kind of site from the sweep.
-# resid.3 (the last block, read by the final layer norm) needs a smaller L1: at l1=3 its L0 was 4
-# and loss recovered negative; a sweep of 0.3 and 1 there gave L0 120 / 96.5% and L0 26 / 78%.
+# resid.3 (the last block, read by the final layer norm) needs a smaller L1 than resid.0-2 (at l1=3
+# its L0 was 4 and the loss recovered negative); four values and both widths are trained, and
+# pick_resid3.py keeps per width the best that meets L0 <= 30 and >= 90% loss recovered, else the
+# sparsest that recovers >= 90%.
 sae-circuits train --site embed --site resid.0 --site resid.1 --site resid.2 \
   --dict-size 1024 --l1 3 --tokens "$TOKENS" "${COMMON[@]}" --out "$OUT/main"
-sae-circuits train --site resid.3 --dict-size 1024 --dict-size 4096 --l1 0.3 --l1 1 \
+sae-circuits train --site resid.3 --dict-size 1024 --dict-size 4096 --l1 0.2 --l1 0.3 --l1 0.5 --l1 1 \
   --tokens "$TOKENS" "${COMMON[@]}" --out runs/resid3
-cp -r runs/resid3/resid.3/untied_1024_l1-0.3 "$OUT/main/resid.3"
-mkdir -p "$OUT/wide" && cp -r runs/resid3/resid.3/untied_4096_l1-0.3 "$OUT/wide/resid.3"
+python scripts/pick_resid3.py runs/resid3/resid.3 "$OUT"
 sae-circuits train --site attn.0 --site attn.1 --site attn.2 --site attn.3 \
   --dict-size 1024 --l1 0.3 --tokens "$TOKENS" "${COMMON[@]}" --out "$OUT/main"
 sae-circuits train --site mlp.0 --site mlp.1 --site mlp.2 --site mlp.3 \
@@ -34,7 +35,7 @@ sae-circuits train --site mlp.0 --site mlp.1 --site mlp.2 --site mlp.3 \
 
 # wide: 4x larger (4096 features) at the residual stream (resid.3 comes from the run above)
 sae-circuits train --site resid.0 --site resid.1 --site resid.2 \
-  --dict-size 4096 --l1 3 --tokens "${WIDE_TOKENS:-400000}" "${COMMON[@]}" --out "$OUT/wide"
+  --dict-size 4096 --l1 3 --tokens "${WIDE_TOKENS:-$TOKENS}" "${COMMON[@]}" --out "$OUT/wide"
 
 rm -rf "$OUT/main/.checkpoint" "$OUT/wide/.checkpoint" runs/resid3
 python scripts/dictionary_report.py

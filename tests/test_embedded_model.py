@@ -48,15 +48,10 @@ def test_shipped_model_ioi_logit_diff_and_abc(shipped_metrics):
     assert 0 < metrics["text_loss"] < 10, metrics
 
 
-# The shipped weights miss these two bars of issue 4 (IOI accuracy 0.940, SVA accuracy 0.865 on
-# held-out templates). Strict xfail: the suite turns red as soon as a rebuilt model meets them, so
-# the marker must then be removed.
-@pytest.mark.xfail(strict=True, reason="issue 4 open: held-out IOI accuracy 0.940 < 0.95")
 def test_shipped_model_ioi_accuracy(shipped_metrics):
     assert shipped_metrics["ioi_accuracy"] >= 0.95, shipped_metrics
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4 open: held-out SVA accuracy 0.865 < 0.90")
 def test_shipped_model_sva_accuracy(shipped_metrics):
     assert shipped_metrics["sva_accuracy"] >= 0.90, shipped_metrics
 

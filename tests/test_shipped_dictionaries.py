@@ -24,19 +24,26 @@ def test_sets_are_shipped():
 
 
 # Bars of issue 5 the shipped files miss (see dictionaries/neox-ioi-4l/README.md): at resid.3 no
-# L1 we tried gave both L0 <= 30 and >= 90% loss recovered (we kept loss recovered); mlp.2 is just
-# under 85%; the wide set is under-trained (400k activations for 4096 features). The test fails if
-# a miss disappears as well as if a new one appears, so this list stays true.
+# L1 we tried gave both L0 <= 30 and >= 90% loss recovered (we kept >= 90% where one did); the wide
+# set's residual dictionaries have L0 39-43 at the main set's L1 (and resid.2 recovers 89%). At
+# attn.3, mlp.1 and mlp.2 zero ablation barely changes the loss, so loss recovered is undefined
+# there and the KL is checked instead. The test fails if a miss disappears as well as if a new one
+# appears, so this list stays true.
 KNOWN_MISSES = {
     ("main", "resid.3", "l0"),
-    ("main", "mlp.2", "loss_recovered"),
+    ("main", "attn.3", "loss_recovered_undefined"),
+    ("main", "mlp.1", "loss_recovered_undefined"),
+    ("main", "mlp.2", "loss_recovered_undefined"),
     ("wide", "resid.0", "l0"),
-    ("wide", "resid.0", "loss_recovered"),
     ("wide", "resid.1", "l0"),
-    ("wide", "resid.1", "loss_recovered"),
     ("wide", "resid.2", "l0"),
+    ("wide", "resid.2", "loss_recovered"),
     ("wide", "resid.3", "l0"),
 }
+
+
+# Below this, zero-ablating a site barely changes the loss and "loss recovered" divides by noise.
+ZERO_ABLATION_MIN_NATS = 0.05
 
 
 def quality_misses(set_name, dictionaries, results):
@@ -48,8 +55,14 @@ def quality_misses(set_name, dictionaries, results):
                 misses.add((set_name, site, "loss_recovered"))
             if metrics["l0"] > 30:
                 misses.add((set_name, site, "l0"))
-        elif kind in ("attn", "mlp") and metrics["loss_recovered"] < 0.85:
-            misses.add((set_name, site, "loss_recovered"))
+        elif kind in ("attn", "mlp"):
+            if metrics["ce_zero"] - metrics["ce_clean"] < ZERO_ABLATION_MIN_NATS:
+                # loss recovered is a ratio of noise here; the spliced output must match instead
+                misses.add((set_name, site, "loss_recovered_undefined"))
+                if metrics["kl"] > 0.01:
+                    misses.add((set_name, site, "kl"))
+            elif metrics["loss_recovered"] < 0.85:
+                misses.add((set_name, site, "loss_recovered"))
         if set_name == "main" and 1 - dictionaries[site].config.metrics["frac_alive"] > 0.10:
             misses.add((set_name, site, "dead"))
     return misses

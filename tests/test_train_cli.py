@@ -1,7 +1,11 @@
 import json
 
-from sae_circuits import METRIC_KEYS, Dictionary
+import torch
+
+from sae_circuits import METRIC_KEYS, Dictionary, load_model
 from sae_circuits.cli import main
+from sae_circuits.pipeline import checkpoint_dir, model_fingerprint
+from sae_circuits.training import TrainSpec
 
 ARGS = [
     "--ctx-len",
@@ -114,3 +118,18 @@ def test_train_bad_site_exits_2(model_dirs, tmp_path, capsys):
         == 2
     )
     assert "out of range" in capsys.readouterr().err
+
+
+def test_checkpoint_key_changes_with_model_weights_and_run(model_dirs, tmp_path):
+    """A resume must never continue a run of other weights or other data settings."""
+    model = load_model(str(model_dirs["gpt2"]))
+    specs = [TrainSpec("resid.0", d_dict=16)]
+    before = model_fingerprint(model)
+    run = {"model": before, "tokens": 512}
+    assert checkpoint_dir(tmp_path, specs, run) == checkpoint_dir(tmp_path, specs, dict(run))
+    assert checkpoint_dir(tmp_path, specs, run) != checkpoint_dir(
+        tmp_path, specs, {**run, "tokens": 1024}
+    )
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert model_fingerprint(model) != before

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Generate the corpus from the seed, train the byte-level BPE tokenizer and the "
             "GPT-NeoX model, evaluate IOI / subject-verb agreement on held-out templates and "
-            "write the model folder with its model card (about 20 minutes on 2 CPU cores)."
+            "write the model folder with its model card (about 25 minutes on 2 CPU cores)."
         ),
     )
     parser.add_argument(

@@ -57,7 +57,7 @@ class BuildConfig:
     rotary_pct: float = 0.25
     vocab_size: int = 4096
     tokenizer_chars: int = 3_000_000  # corpus characters the BPE is trained on
-    steps: int = 2400
+    steps: int = 3600
     batch_size: int = 16
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
@@ -68,6 +68,7 @@ class BuildConfig:
     eval_every: int = 300  # quick IOI/SVA check during training (0: never)
     eval_n: int = 400  # prompts per task in the final evaluation
     save_dtype: str = "float16"
+    bf16_autocast: bool = True  # bfloat16 forward passes in training (~1.5x faster on AVX512-BF16)
 
     def validate(self) -> None:
         for f in fields(self):
@@ -234,7 +235,8 @@ def build_model(
             for group in opt.param_groups:
                 group["lr"] = lr
             batch = windows[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-            loss = model(input_ids=batch, labels=batch).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+                loss = model(input_ids=batch, labels=batch).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

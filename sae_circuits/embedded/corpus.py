@@ -24,7 +24,7 @@ from pathlib import Path
 from sae_circuits.embedded.task_text import SPLITS, ioi_sentence, sva_sentence
 from sae_circuits.errors import UserInputError
 
-MIX = {"ioi": 0.55, "sva": 0.15, "text": 0.30}  # target share of characters per kind
+MIX = {"ioi": 0.50, "sva": 0.20, "text": 0.30}  # target share of characters per kind
 ABC_SHARE = (
     0.1  # share of IOI sentences with three distinct names (answer: either of the first two)
 )

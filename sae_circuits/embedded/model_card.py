@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sae_circuits.embedded import EMBEDDED_MODEL_NAME
 from sae_circuits.embedded.evaluate import QUALITY_BAR
 
 
@@ -39,14 +40,18 @@ def write_model_card(
     loss_rows = train_rows[::every]
     if train_rows and loss_rows[-1] is not train_rows[-1]:
         loss_rows.append(train_rows[-1])
+    verdict = (
+        "every quality bar below is met"
+        if all(record["quality_bar_passed"].values())
+        else "see the quality table: not every bar is met"
+    )
     mix = ", ".join(f"{k} {v:.0%}" for k, v in corpus["mix_chars"].items())
-    text = f"""# {out.name}
+    text = f"""# {EMBEDDED_MODEL_NAME}
 
 The embedded model of `sae-circuits`: a small `GPTNeoXForCausalLM` (the Pythia architecture:
 rotary attention, parallel residual, untied embeddings) trained from scratch on CPU by the project's
 own script, so that every command works offline. It is trained to do indirect object identification
-(IOI) and subject-verb agreement (SVA), measured on templates it never saw (see the quality table:
-not every bar is met), and models standard-library docstrings and comments.
+(IOI) and subject-verb agreement (SVA), measured on templates it never saw ({verdict}), and models standard-library docstrings and comments.
 
 ## Architecture
 | setting | value |
@@ -84,7 +89,8 @@ leading space is one token.
 ## Training
 AdamW (betas 0.9/0.95, weight decay {cfg["weight_decay"]} on matrices), peak lr {cfg["lr"]},
 {cfg["warmup_steps"]} warm-up steps then cosine decay to {cfg["min_lr_ratio"]} x peak, gradient clip
-{cfg["grad_clip"]}, {cfg["steps"]} steps of {cfg["batch_size"]} x {cfg["ctx"]} tokens, seed
+{cfg["grad_clip"]}, bfloat16 autocast {"on" if cfg.get("bf16_autocast") else "off"} in the training forward
+passes, {cfg["steps"]} steps of {cfg["batch_size"]} x {cfg["ctx"]} tokens, seed
 {record["seed"]}, on {record["environment"]["threads"]} CPU threads (Python
 {record["environment"]["python"]}, torch {record["environment"]["torch"]}). Times (s): {record["times_s"]}.
 Full loss log: `train_log.csv`; checks during training: `eval_log.csv`.
