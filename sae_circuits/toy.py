@@ -28,8 +28,14 @@ TOY_KEY = "toy"
 METHODS = ("dead", "ssll", "mmcs_larger")
 DEFAULT_L1S = (0.01, 0.03, 0.1, 0.3, 1.0)
 DEFAULT_RATIOS = (0.5, 1.0, 2.0)
-DEFAULT_STEPS = 1500
-DEFAULT_LR = 1e-2  # the report used 1e-3, which needs ~10× more steps than a 2-core CPU affords
+DEFAULT_STEPS = 3000
+# The report used lr 1e-3, which needs far more steps than a CPU affords. From 1e-2 up, Adam's large
+# steps on rarely active latents keep the rarest features from settling (see docs/toy.md).
+DEFAULT_LR = 7e-3
+DEFAULT_DECAY_START = 0.8  # linear LR decay to 0 over the last 20% of the steps
+# Dead latents are re-initialised towards badly reconstructed inputs every this many steps; with
+# the defaults the last resampling is one dead window before the end, so dead counts stay honest.
+DEFAULT_RESAMPLE_EVERY = 500
 
 
 # --------------------------------------------------------------------------------- generator
@@ -208,21 +214,25 @@ def sweep(
     dead_window: int = 500,
     recipe: str = "report",
     lr: float = DEFAULT_LR,
-    decay_start: float | None = 0.5,
+    decay_start: float | None = DEFAULT_DECAY_START,
     warmup_steps: int = 0,
+    resample_every: int | None = DEFAULT_RESAMPLE_EVERY,
     seed: int = 0,
     eval_samples: int = 8192,
     progress: bool = True,
 ) -> SweepResult:
     """Train the grid L1 × (ratio · G) in one pass over one stream and score every dictionary.
 
-    Dead features are those never active in the last `min(dead_window, steps)` batches; the
-    reconstruction and L1 losses behind SSLL are measured on `eval_samples` held-out samples.
+    Dead features are those never active in the last `min(dead_window, steps)` batches; dead
+    latents are resampled every `resample_every` steps (None: never), but not within that window
+    of the end. The reconstruction and L1 losses behind SSLL are measured on `eval_samples`
+    held-out samples.
     """
     l1s, ratios = sorted(set(l1s)), sorted(set(ratios))
     if not l1s or not ratios or min(l1s) < 0 or min(ratios) <= 0:
         raise UserInputError("a sweep needs L1 values >= 0 and ratios > 0")
     window = min(dead_window, steps)
+    resample_every = _resampling_period(resample_every, steps, window)
     specs = [
         TrainSpec(
             TOY_KEY,
@@ -232,6 +242,7 @@ def sweep(
             decay_start=decay_start,
             warmup_steps=warmup_steps,
             dead_window=window,
+            resample_every=resample_every,
             recipe=recipe,
             seed=seed,
         )
@@ -273,6 +284,26 @@ def sweep(
         seconds=seconds,
         dictionaries=list(trained),
     )
+
+
+def _resampling_period(resample_every: int | None, steps: int, window: int) -> int | None:
+    """`resample_every`, or None if no resampling falls before the last `window` steps.
+
+    The trainer resamples after steps R, 2R, … below `steps`; a resampling inside the dead window
+    would make latents that stay silent look alive, so sweeps refuse such a schedule.
+    """
+    if resample_every is None or resample_every >= steps:
+        return None
+    if resample_every < 1:
+        raise UserInputError("resample_every must be >= 1")
+    last = (steps - 1) // resample_every * resample_every
+    if steps - last < window:
+        raise UserInputError(
+            f"resampling every {resample_every} steps would resample at step {last}, within the "
+            f"dead window ({window}) of the end ({steps}): make steps a multiple of "
+            "resample_every >= dead_window, or turn resampling off"
+        )
+    return resample_every
 
 
 def ssll(reconstruction: np.ndarray, l1_norm: np.ndarray) -> np.ndarray:

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from sae_circuits.cli import main
 from sae_circuits.errors import UserInputError
 from sae_circuits.toy import (
+    DEFAULT_DECAY_START,
+    DEFAULT_LR,
     METHODS,
     SweepResult,
     ToyConfig,
@@ -140,6 +142,41 @@ def test_sweep_grid_on_tiny_data() -> None:
     assert result.mmcs_larger[0, 1] == pytest.approx(np.mean([mmcs(small, d) for d in larger]))
     assert result.mmcs[1, 2] == pytest.approx(mmcs(data.features, result.dictionaries[5]))
     assert set(select(result)) == set(METHODS)
+
+
+def test_resampling_schedule_leaves_the_dead_window_alone() -> None:
+    """Dead latents are resampled, but never within the dead window of the end (else latents that
+    stay silent would not count as dead)."""
+    data = ToyData(ToyConfig(h=8, g=12, n_active=2, seed=1))
+    kwargs = {"l1s": [0.1], "ratios": [1.0], "dead_window": 20, "progress": False}
+    spec = sweep(data, steps=100, resample_every=40, **kwargs).dictionaries[0].config
+    assert spec.hyperparameters["resample_every"] == 40  # resamples after steps 40 and 80
+    with pytest.raises(UserInputError, match="within the dead window"):
+        sweep(data, steps=100, resample_every=45, **kwargs)  # would resample after step 90
+    for every in (None, 100):  # never, or not before the end
+        spec = sweep(data, steps=100, resample_every=every, **kwargs).dictionaries[0].config
+        assert spec.hyperparameters["resample_every"] is None
+
+
+def test_cli_reaches_the_report_recipe(monkeypatch, capsys) -> None:
+    """`--lr 1e-3 --decay-start 1 --resample-every 0` trains with the report's settings."""
+    trained = []
+
+    def recording_sweep(*args, **kwargs):
+        result = sweep(*args, **kwargs)
+        trained.extend(result.dictionaries)
+        return result
+
+    monkeypatch.setattr("sae_circuits.cli.toy_cmd.sweep", recording_sweep)
+    argv = ["toy", "--h", "8", "--g", "12", "--l1", "0.1", "--ratios", "1", "--steps", "20"]
+    assert main([*argv, "--lr", "1e-3", "--decay-start", "1", "--resample-every", "0"]) == 0
+    report = trained[-1].config.hyperparameters
+    assert (report["lr"], report["decay_start"], report["resample_every"]) == (1e-3, 1.0, None)
+    assert report["recipe"] == "report" and report["steps"] == 20
+    assert main(argv) == 0  # the defaults: faster LR, decayed over the last fifth
+    default = trained[-1].config.hyperparameters
+    assert (default["lr"], default["decay_start"]) == (DEFAULT_LR, DEFAULT_DECAY_START)
+    capsys.readouterr()
 
 
 def test_cli_json_shape(tmp_path, capsys) -> None:

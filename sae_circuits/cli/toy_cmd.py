@@ -13,9 +13,11 @@ from rich.table import Table
 
 from sae_circuits.cli.common import add_json_argument, console, print_json
 from sae_circuits.toy import (
+    DEFAULT_DECAY_START,
     DEFAULT_L1S,
     DEFAULT_LR,
     DEFAULT_RATIOS,
+    DEFAULT_RESAMPLE_EVERY,
     DEFAULT_STEPS,
     HEATMAPS,
     SweepResult,
@@ -63,6 +65,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--lr", type=float, default=DEFAULT_LR, help=f"Adam learning rate (default {DEFAULT_LR:g})"
     )
     parser.add_argument(
+        "--decay-start",
+        type=float,
+        default=DEFAULT_DECAY_START,
+        help="linear LR decay to 0 from this fraction of the steps "
+        f"(default {DEFAULT_DECAY_START:g}; the report: 1, no decay)",
+    )
+    parser.add_argument(
+        "--resample-every",
+        type=int,
+        default=DEFAULT_RESAMPLE_EVERY,
+        help="re-initialise dead latents every N steps, never within the dead window of the end "
+        f"(default {DEFAULT_RESAMPLE_EVERY}; 0: never, as in the report)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -96,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         dead_window=args.dead_window,
         recipe=args.recipe,
         lr=args.lr,
+        decay_start=args.decay_start,
+        resample_every=args.resample_every or None,
         seed=args.seed,
     )
     selected = select(result)
