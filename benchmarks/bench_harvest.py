@@ -7,7 +7,7 @@ batches, interleaved in one run; the baseline is measured twice: a plain forward
 forward (what a hand-written harvester does), and one that raises after the site to skip the
 unembedding (the best a hand-written harvester can do).
 
-    python benchmarks/bench_harvest.py [--batches 6] [--train-tokens 65536]
+    python benchmarks/bench_harvest.py [--batches 6] [--train-tokens 65536] [--threads 2]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -61,14 +62,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6, help="token batches per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-tokens", type=int, default=65536)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # results survive a timeout
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         model = load_model(save_pythia_70m_shaped(folder))
-    batches = list(token_batches(model.tokenizer, default_documents(False), 128, 16))[
-        : args.batches
-    ]
+    # the corpus stream is unbounded: take only the batches needed
+    batches = list(
+        islice(token_batches(model.tokenizer, default_documents(False), 128, 16), args.batches)
+    )
     site = [Site.parse(SITE)]
     ours = lambda ids: harvest(model, site, ids, torch.ones_like(ids))[SITE]  # noqa: E731
     methods = {
@@ -86,7 +89,10 @@ def main() -> None:
                 rows = sum(method(ids).shape[0] for ids in batches)
                 rates[name].append(rows / (time.perf_counter() - start))
     median = {name: statistics.median(values) for name, values in rates.items()}
-    print(f"harvest of {SITE}, {args.batches} batches of 16 x 128 tokens, {args.rounds} rounds")
+    print(
+        f"harvest of {SITE}, {args.batches} batches of 16 x 128 tokens, {args.rounds} rounds, "
+        f"{torch.get_num_threads()} threads"
+    )
     for name, rate in median.items():
         print(f"{name:>24}: {rate:10.0f} activations/s")
     for name in ("raw forward + hook", "raw + hook, stop early"):
