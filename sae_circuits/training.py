@@ -25,19 +25,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import nn
 
 from sae_circuits.dictionary import Dictionary, DictionaryConfig
 from sae_circuits.errors import UserInputError
+from sae_circuits.progress import new_progress
 
 Batch = dict[str, torch.Tensor]
 
@@ -479,26 +471,14 @@ class _ProgressBar:
     """A rich progress bar on stderr with mean MSE, L0 and dead fraction over the dictionaries."""
 
     def __init__(self, enabled: bool, steps: int, start: int) -> None:
-        self.progress = (
-            Progress(
-                TextColumn("[bold]training"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-            )
-            if enabled
-            else None
-        )
+        self.progress = new_progress("{task.fields[stats]}") if enabled else None
         self.steps, self.start = steps, start
 
     def __enter__(self) -> _ProgressBar:
         if self.progress is not None:
             self.progress.start()
             self.task = self.progress.add_task(
-                "train", total=self.steps, completed=self.start, stats=""
+                "training", total=self.steps, completed=self.start, stats=""
             )
         return self
 

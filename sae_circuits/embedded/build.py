@@ -23,15 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 
 from sae_circuits.embedded.corpus import corpus_recipe, iter_corpus
 from sae_circuits.embedded.evaluate import (
@@ -43,6 +35,7 @@ from sae_circuits.embedded.evaluate import (
 from sae_circuits.embedded.task_text import single_token_words
 from sae_circuits.embedded.tokenizer import EOS, save_tokenizer, to_transformers, train_tokenizer
 from sae_circuits.errors import UserInputError
+from sae_circuits.progress import new_progress
 
 
 @dataclass(frozen=True)
@@ -83,18 +76,6 @@ class BuildConfig:
             raise UserInputError("vocab_size must be at least 512")
         if self.save_dtype not in ("float16", "float32"):
             raise UserInputError("save_dtype must be float16 or float32")
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
 
 
 def seed_everything(seed: int) -> None:
@@ -186,7 +167,7 @@ def build_model(
     times: dict[str, float] = {}
     t_start = time.time()
 
-    with _progress(progress) as prog:
+    with new_progress(enabled=progress) as prog:
         # 1. tokenizer on the head of the training corpus
         t0 = time.time()
         head, n_chars = [], 0
