@@ -41,6 +41,9 @@ class Task:
     distractors: torch.Tensor  # (n,) token ids it is compared with
     split: str = "all"
     dropped: int = 0  # pairs dropped while building (multi-token answers, length mismatches)
+    # template of each pair (None: one template); positions line up only within a template, so
+    # mean ablation uses per-template position means
+    groups: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.clean)
@@ -65,6 +68,7 @@ class Task:
             corrupt=[self.corrupt[i] for i in positions],
             answers=self.answers[positions],
             distractors=self.distractors[positions],
+            groups=None if self.groups is None else [self.groups[i] for i in positions],
         )
 
     def train_test(self, test_fraction: float = 0.5, seed: int = 0) -> tuple[Task, Task]:
@@ -85,9 +89,10 @@ class Task:
         split: str = "all",
     ) -> Task:
         """Build a task from dicts with `clean`, `corrupt`, `answer` and `distractor` (words with
-        their leading space, e.g. " Mary"), dropping unusable pairs with a warning."""
+        their leading space, e.g. " Mary") and an optional `group` (the pair's template), dropping
+        unusable pairs with a warning."""
         tokenizer = model.tokenizer
-        clean, corrupt, answers, distractors = [], [], [], []
+        clean, corrupt, answers, distractors, groups = [], [], [], [], []
         multi_token, mismatched = 0, 0
         for pair in pairs:
             ids = [_single_token(tokenizer, pair[key]) for key in ("answer", "distractor")]
@@ -101,6 +106,7 @@ class Task:
             corrupt.append(pair["corrupt"])
             answers.append(ids[0])
             distractors.append(ids[1])
+            groups.append(pair.get("group"))
         dropped = multi_token + mismatched
         if dropped:
             warnings.warn(
@@ -122,6 +128,7 @@ class Task:
             torch.tensor(distractors),
             split,
             dropped,
+            None if all(g is None for g in groups) else [str(g) for g in groups],
         )
 
     @classmethod
@@ -187,6 +194,7 @@ def load_task(
                 "corrupt": e.abc_prompt if corruption == "abc" else e.swap_prompt,
                 "answer": e.answer,
                 "distractor": e.distractor,
+                "group": e.template_id,
             }
             for e in ioi_examples(split, n, seed)
         ]
@@ -197,6 +205,7 @@ def load_task(
                 "corrupt": e.corrupt_prompt,
                 "answer": e.correct,
                 "distractor": e.wrong,
+                "group": e.template_id,
             }
             for e in sva_examples(split, n, seed)
         ]

@@ -18,12 +18,14 @@ from conftest import random_untied
 from sae_circuits import attach, detach, load_model
 from sae_circuits.circuits import (
     faithfulness,
+    faithfulness_curve,
     feature_circuit,
     read_node_link,
     sign_agreement,
     spearman,
     task_circuit,
 )
+from sae_circuits.circuits import patching as P
 from sae_circuits.cli import main
 from sae_circuits.testing import save_random_model
 
@@ -136,6 +138,24 @@ def test_attribution_matches_exact_patching_in_linear_regime(linear):
     assert circuit.report["verification"]["nodes"]["spearman"] == pytest.approx(1.0)
 
 
+def test_integrated_gradients_are_complete(wired):
+    """Every node of a site patched together restores the clean metric (everything downstream
+    reads the site), so a site's integrated-gradient attributions sum to m(clean) − m(corrupt),
+    up to the O(1/steps) error of the Riemann sum; the plain gradient is far off here."""
+    model, task = wired
+    inputs = P.task_inputs(model, task)
+    clean = P.run(model, inputs.clean, inputs.metric, [UP, DOWN])
+    corrupt = P.run(model, inputs.corrupt, inputs.metric, [UP, DOWN])
+    total = float(clean.metric.mean() - corrupt.metric.mean())
+    grads = P.integrated_gradients(model, inputs, [UP, DOWN], clean, corrupt, steps=32)
+    plain = P.gradients(model, inputs, [UP, DOWN])
+    for site in (UP, DOWN):
+        assert float(P.node_attribution(grads, clean, corrupt, site).sum()) == pytest.approx(
+            total, rel=0.1
+        )
+        assert float(P.node_attribution(plain, clean, corrupt, site).sum()) < 0.5 * total
+
+
 def test_faithfulness_full_graph_and_by_hand(wired):
     model, task = wired
     circuit = task_circuit(model, task, max_nodes=None, sizes=[3], progress=False)
@@ -154,6 +174,25 @@ def test_faithfulness_full_graph_and_by_hand(wired):
     assert curve[0]["metric"] == pytest.approx(empty, abs=1e-4)
     hand = (circuit_metric - empty) / (full - empty)
     assert curve[3]["faithfulness"] == pytest.approx(hand, rel=0.01)
+
+
+def test_mean_ablation_uses_per_group_means(wired):
+    """Half the prompts end in OTHER: one mean over all prompts mixes the two kinds, per-group
+    means (`task.groups`) do not. Both match plain torch hooks."""
+    model, task = wired
+    clean, corrupt = task.clean.clone(), task.corrupt.clone()
+    clean[1::2, -1], corrupt[1::2, -1] = OTHER, TOKEN
+    mixed, grouped = ToyTask(clean, corrupt), ToyTask(clean, corrupt)
+    grouped.groups = ["token", "other", "token", "other"]
+    nodes = [f"{UP}/0", f"{DOWN}/error"]
+    empties = []
+    for case in (mixed, grouped):
+        empty, kept = (p["metric"] for p in faithfulness_curve(model, case, nodes, [2]))
+        _, circuit_metric, hand_empty = by_hand(model, case, nodes)
+        assert empty == pytest.approx(hand_empty, abs=1e-4)
+        assert kept == pytest.approx(circuit_metric, abs=1e-4)
+        empties.append(empty)
+    assert abs(empties[0] - empties[1]) > 1.0
 
 
 def by_hand(model, task, nodes) -> tuple[float, float, float]:
@@ -195,7 +234,13 @@ def by_hand(model, task, nodes) -> tuple[float, float, float]:
         return value, store
 
     full, store = metric("clean")
-    means = {s: (f.mean(0), e.mean(0)) for s, (f, e) in store.items()}
+    labels = getattr(task, "groups", None) or [""] * len(task.clean)
+    same = torch.tensor([[a == b for b in labels] for a in labels], dtype=torch.float32)
+    same = same / same.sum(1, keepdim=True)  # row b averages the prompts of b's group
+    means = {
+        s: (torch.einsum("bc,c...->b...", same, f), torch.einsum("bc,c...->b...", same, e))
+        for s, (f, e) in store.items()
+    }
     circuit, _ = metric("circuit", means)
     empty, _ = metric("empty", means)
     return full, circuit, empty

@@ -95,6 +95,11 @@ def test_subset_and_train_test(tiny):
     assert (len(train), len(test), train.split, test.split) == (3, 3, "train", "test")
     assert sorted(train.answers.tolist() + test.answers.tolist()) == sorted(task.answers.tolist())
     assert task.subset(slice(1, 3)).answers.tolist() == task.answers[1:3].tolist()
+    assert task.groups is None
+    grouped = Task.from_pairs(
+        "six", tiny, [{**p, "group": str(i % 2)} for i, p in enumerate(pairs)]
+    )
+    assert grouped.subset([1, 2, 5]).groups == ["1", "0", "1"]
 
 
 @pytest.mark.parametrize("name,corruption", [("ioi", "abc"), ("ioi", "swap"), ("sva", None)])
@@ -106,6 +111,11 @@ def test_builtin_tasks_on_embedded_model(embedded, name, corruption):
         assert clean != corrupt
         assert len(tokenizer(clean)["input_ids"]) == len(tokenizer(corrupt)["input_ids"])
     assert (task.answers != task.distractors).all()
+    # one group per template: prompts of a template have the same token length (aligned positions)
+    lengths = {}
+    for clean, group in zip(task.clean, task.groups, strict=True):
+        lengths.setdefault(group, set()).add(len(tokenizer(clean)["input_ids"]))
+    assert len(lengths) > 1 and all(len(v) == 1 for v in lengths.values())
     if name == "ioi":
         train = load_task(name, embedded, corruption, n=40, seed=3, split="train")
         assert not set(train.clean) & set(task.clean)

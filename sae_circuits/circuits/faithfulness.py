@@ -2,7 +2,9 @@
 
 `(m(C) − m(∅)) / (m(M) − m(∅))`, where m is the task metric on the clean prompts (mean over
 prompts), M the full spliced model, ∅ every feature and error term mean-ablated, and C only the
-nodes outside the circuit mean-ablated. Means are per position over the task's clean prompts.
+nodes outside the circuit mean-ablated. Means are per position over the task's clean prompts of
+the same group (template and token length, so that positions line up; one group when the task
+gives no `groups`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def faithfulness_curve(
     sites = list(attached(model)) if sites is None else list(sites)
     inputs = P.task_inputs(model, task)
     clean = P.run(model, inputs.clean, inputs.metric, sites)
-    means = P.position_means(clean, inputs.mask)
+    means = P.position_means(clean, inputs.mask, inputs.groups)
     widths = {s: clean.features[s].shape[-1] for s in sites}
     sizes = sorted(set(sizes) | {0})
     keeps = [_keep(ranking[:n], widths) for n in sizes]

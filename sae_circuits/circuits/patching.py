@@ -27,7 +27,8 @@ Node = tuple[str, int]  # (site, extended index)
 class TaskLike(Protocol):
     """What circuit discovery needs from a task (`sae_circuits.tasks.Task` fits): clean and
     corrupted prompts (strings, or token ids) of equal token length per pair, and a per-prompt
-    metric on logits."""
+    metric on logits. An optional attribute `groups` (one label per pair, e.g. its template) says
+    which prompts have aligned positions."""
 
     clean: Sequence[str] | torch.Tensor
     corrupt: Sequence[str] | torch.Tensor
@@ -42,6 +43,7 @@ class TaskInputs:
     clean: dict[str, torch.Tensor]
     corrupt: dict[str, torch.Tensor]
     metric: Callable[[torch.Tensor], torch.Tensor]
+    groups: torch.Tensor  # (n,) index of each prompt's group: same label and same token length
 
     @property
     def n(self) -> int:
@@ -72,9 +74,16 @@ def task_inputs(model: Any, task: TaskLike) -> TaskInputs:
         raise UserInputError(
             "clean and corrupted prompts must have equal token lengths, pair by pair"
         )
-    if clean["input_ids"].shape[0] == 0:
+    n = clean["input_ids"].shape[0]
+    if n == 0:
         raise UserInputError("the task has no prompts")
-    return TaskInputs(clean, corrupt, task.metric)
+    labels = getattr(task, "groups", None) or [""] * n
+    if len(labels) != n:
+        raise UserInputError(f"the task has {len(labels)} group labels for {n} prompts")
+    keys = list(zip(labels, clean["attention_mask"].sum(1).tolist(), strict=True))
+    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    groups = torch.tensor([index[key] for key in keys], device=device)
+    return TaskInputs(clean, corrupt, task.metric, groups)
 
 
 @dataclass
@@ -147,8 +156,8 @@ def integrated_gradients(
             hook.error.output = e
             total = _chunk_metric(task.metric, model.output.logits, steps).sum()
             grads = nnsight.save([g.detach() for g in torch.autograd.grad(total, [f, e])])
-        out.features[site] = grads[0].view(steps, *f0.shape[1:]).mean(0)
-        out.errors[site] = grads[1].view(steps, *e0.shape[1:]).mean(0)
+        out.features[site] = grads[0].view(steps, task.n, *f0.shape[1:]).mean(0)
+        out.errors[site] = grads[1].view(steps, task.n, *e0.shape[1:]).mean(0)
     return out
 
 
@@ -311,13 +320,21 @@ def node_linear(grads: Values, values: Values, site: str) -> torch.Tensor:
     )
 
 
-def position_means(values: Values, mask: torch.Tensor) -> Values:
-    """Per-position means over prompts (real tokens only) of every site's features and error."""
-    weights = mask.float()[:, :, None]
-    count = weights.sum(0).clamp_min(1)
+def position_means(values: Values, mask: torch.Tensor, groups: torch.Tensor) -> Values:
+    """Per-position means of every site's features and error over the prompts of each group (real
+    tokens only), given per prompt: `(B, T, ·)` tensors whose row b holds the means of b's group."""
+    one_hot = torch.nn.functional.one_hot(groups).to(mask.device, torch.float32)  # (B, G)
+    weights = one_hot[:, :, None] * mask.float()[:, None, :]  # (B, G, T)
+    count = weights.sum(0).clamp_min(1)  # (G, T)
+
+    def means(x: torch.Tensor) -> torch.Tensor:
+        per_group = torch.einsum("bgt,bt...->gt...", weights, x.float())
+        per_group = per_group / count.view(*count.shape, *[1] * (x.dim() - 2))
+        return per_group[groups]
+
     return Values(
-        {s: (f * weights).sum(0) / count for s, f in values.features.items()},
-        {s: (e * weights).sum(0) / count for s, e in values.errors.items()},
+        {s: means(f) for s, f in values.features.items()},
+        {s: means(e) for s, e in values.errors.items()},
     )
 
 
@@ -330,7 +347,8 @@ def mean_ablated_metric(
     max_rows: int = 256,
 ) -> torch.Tensor:
     """(len(keeps),) mean metric on the clean prompts with, at every site, the nodes outside
-    `keep[site]` (a boolean `(F + 1,)` vector) set to their per-position mean."""
+    `keep[site]` (a boolean `(F + 1,)` vector) set to their mean (`means`: per prompt, from
+    `position_means`)."""
     per_trace = max(1, max_rows // task.n)
     out = []
     with torch.no_grad():
@@ -343,10 +361,10 @@ def mean_ablated_metric(
                     if bool(keep.all()):
                         continue
                     hook = spliced(model, site)
-                    f = hook.features.output
-                    hook.features.output = torch.where(keep[:, None, :-1], f, means.features[site])
-                    e = hook.error.output
-                    hook.error.output = torch.where(keep[:, -1, None, None], e, means.errors[site])
+                    f, f_mean = hook.features.output, means.features[site].repeat(k, 1, 1)
+                    hook.features.output = torch.where(keep[:, None, :-1], f, f_mean)
+                    e, e_mean = hook.error.output, means.errors[site].repeat(k, 1, 1)
+                    hook.error.output = torch.where(keep[:, -1, None, None], e, e_mean)
                 m = nnsight.save(_chunk_metric(task.metric, model.output.logits, k))
             out.append(m)
     return torch.cat(out)
