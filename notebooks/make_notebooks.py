@@ -111,11 +111,11 @@ notebook(
         ("code", SETUP),
         (
             "code",
-            "from sae_circuits import load_model, load_dictionaries, attach, detach, load_task\nfrom sae_circuits.circuits import task_circuit, feature_circuit\n\nmodel = load_model()\nsites = [f'resid.{layer}' for layer in range(4)]\nattach(model, load_dictionaries('main', sites=sites))\ntask = load_task('ioi', model, 'abc', 8 if QUICK else 32, 0, 'heldout')",
+            "from sae_circuits import load_model, load_dictionaries, attach, detach, load_task\nfrom sae_circuits.circuits import task_circuit, feature_circuit\n\nmodel = load_model()\nsites = [f'resid.{layer}' for layer in range(4)]\nattach(model, load_dictionaries('main', sites=sites))\ntask = load_task('ioi', model, 'swap', 20 if QUICK else 32, 0, 'heldout')  # name swap: node scores see the name features",
         ),
         (
             "code",
-            "circuit = task_circuit(model, task, max_nodes=20 if QUICK else 60, sizes=(5, 10, 20), progress=False)\nprint(circuit.summary())\ncircuit   # renders inline",
+            "circuit = task_circuit(model, task, max_nodes=20 if QUICK else 100, steps=5, sizes=(5, 10, 20, 50, 100), progress=False)  # steps=5: integrated gradients\nprint(circuit.summary())\ncircuit   # renders inline",
         ),
         (
             "md",

@@ -9,6 +9,7 @@ is tilted so that d raises the metric. So resid.0/0 -> resid.1/0 -> metric is th
 from __future__ import annotations
 
 import json
+import math
 
 import networkx as nx
 import pytest
@@ -193,6 +194,15 @@ def test_mean_ablation_uses_per_group_means(wired):
         assert kept == pytest.approx(circuit_metric, abs=1e-4)
         empties.append(empty)
     assert abs(empties[0] - empties[1]) > 1.0
+
+
+def test_faithfulness_with_one_prompt_per_group_is_undefined(wired):
+    model, task = wired
+    single = ToyTask(task.clean, task.corrupt)
+    single.groups = ["a", "b", "c", "d"]
+    with pytest.warns(UserWarning, match="single prompt"):
+        curve = faithfulness_curve(model, single, [f"{UP}/0"], [1])
+    assert all(math.isnan(point["faithfulness"]) for point in curve)
 
 
 def by_hand(model, task, nodes) -> tuple[float, float, float]:

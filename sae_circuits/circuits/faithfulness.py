@@ -9,6 +9,8 @@ gives no `groups`).
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -32,6 +34,14 @@ def faithfulness_curve(
     (and n = 0): `[{"nodes": n, "faithfulness": f, "metric": m(C)}, ...]`."""
     sites = list(attached(model)) if sites is None else list(sites)
     inputs = P.task_inputs(model, task)
+    sizes_of_groups = torch.bincount(inputs.groups)
+    if bool((sizes_of_groups == 1).any()):
+        warnings.warn(
+            f"{int((sizes_of_groups == 1).sum())} of {len(sizes_of_groups)} groups (templates) "
+            "have a single prompt, whose mean is the prompt itself: mean ablation leaves them "
+            "unchanged; use more prompts per template",
+            stacklevel=2,
+        )
     clean = P.run(model, inputs.clean, inputs.metric, sites)
     means = P.position_means(clean, inputs.mask, inputs.groups)
     widths = {s: clean.features[s].shape[-1] for s in sites}
@@ -39,6 +49,15 @@ def faithfulness_curve(
     keeps = [_keep(ranking[:n], widths) for n in sizes]
     metrics = P.mean_ablated_metric(model, inputs, sites, means, keeps, max_rows).tolist()
     empty, full = metrics[0], float(clean.metric.mean())
+    if abs(full - empty) <= 1e-6 * max(1.0, abs(full)):
+        warnings.warn(
+            "mean-ablating every node leaves the metric unchanged: faithfulness is undefined (nan)",
+            stacklevel=2,
+        )
+        return [
+            {"nodes": n, "faithfulness": math.nan, "metric": m}
+            for n, m in zip(sizes, metrics, strict=True)
+        ]
     return [
         {"nodes": n, "faithfulness": (m - empty) / (full - empty), "metric": m}
         for n, m in zip(sizes, metrics, strict=True)
