@@ -9,7 +9,10 @@ checkpointed with the trainer, so a resumed run continues bit for bit like an un
 Per step and dictionary: forward, loss (reconstruction + sparsity), backward, removal of the decoder
 gradient's component parallel to each decoder row, Adam step, decoder renormalisation. Dead
 features (no activation in the last `dead_window` steps) are resampled every `resample_every` steps
-towards inputs the dictionary reconstructs worst.
+towards inputs the dictionary reconstructs worst. Optionally, latents that are wasted without being
+dead are resampled too: duplicates of a more active latent (`resample_duplicates`) and latents that
+fired fewer than `resample_min_fires` times since the last resampling; `resample_target="residual"`
+re-initialises towards least-squares residuals of recent inputs instead of the inputs themselves.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,8 @@ Batch = dict[str, torch.Tensor]
 KINDS = ("tied", "untied", "topk")
 SPARSITIES = ("l1", "entropy", "topk")
 RECIPES = ("standard", "report")
+RESAMPLE_TARGETS = ("input", "residual")
+RESAMPLE_POOL = 2048  # inputs (rows) kept for resample_target="residual"
 CHECKPOINT_FILE = "checkpoint.pt"
 _EPS = 1e-9
 
@@ -65,6 +70,16 @@ class TrainSpec:
     )
     resample_every: int | None = None
     dead_window: int = 1000  # a feature is dead if it did not fire in this many steps
+    # at each resampling, also re-initialise every latent whose unit decoder direction has cosine
+    # >= this with a latent that fired more since the last resampling (ties: the lower index)
+    resample_duplicates: float | None = None
+    # ... and every latent that fired fewer than this many times since the last resampling
+    resample_min_fires: int = 0
+    # "input": unit inputs drawn ∝ squared reconstruction error from the current batch, encoder
+    # 0.2 × the mean live norm, bias 0, Adam moments 0 (Anthropic 2023); "residual": the largest
+    # least-squares residuals of the last RESAMPLE_POOL inputs, encoder at the median live norm and
+    # bias, Adam second moments at the live mean (see `_Member.resample`)
+    resample_target: str = "input"
     noise_std: float = 0.0  # denoising: Gaussian noise added to the input, not to the target
     normalize: bool = False  # scale activations so that their mean squared norm is d
     recipe: str = "standard"  # standard | report
@@ -91,6 +106,15 @@ class TrainSpec:
                 "resample_every must be >= 1",
             ),
             (self.decay_start is None or self.decay_start >= 0, "decay_start must be >= 0"),
+            (
+                self.resample_duplicates is None or 0 < self.resample_duplicates <= 1,
+                "resample_duplicates must be a cosine in (0, 1]",
+            ),
+            (self.resample_min_fires >= 0, "resample_min_fires must be >= 0"),
+            (
+                self.resample_target in RESAMPLE_TARGETS,
+                f"resample_target must be one of {', '.join(RESAMPLE_TARGETS)}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -224,6 +248,16 @@ class _Member:
         self.penalty = 0.0 if spec.sparsity == "topk" else spec.l1 / (spec.d_dict if report else 1)
         self.generator = torch.Generator(device).manual_seed(spec.seed)
         self.since_fired = torch.zeros(spec.d_dict, dtype=torch.long, device=device)
+        # activations per latent since the last resampling (only kept when a rule needs them)
+        self.fired = (
+            torch.zeros(spec.d_dict, dtype=torch.long, device=device)
+            if spec.resample_duplicates is not None or spec.resample_min_fires
+            else None
+        )
+        # recent inputs for residual resampling: the last batches, at least RESAMPLE_POOL rows
+        self.pool: deque[torch.Tensor] | None = (
+            deque() if spec.resample_target == "residual" else None
+        )
         self.totals = torch.zeros(
             3, device=device
         )  # sums of mse, sparsity, L0 since the last flush
@@ -254,9 +288,17 @@ class _Member:
         with torch.no_grad():
             active = f > 0
             self.since_fired.add_(1).masked_fill_(active.any(0), 0)
+            if self.fired is not None:
+                self.fired += active.sum(0)
             self.totals += torch.stack([mse.detach(), sparsity.detach(), active.sum() / len(x)])
         self.count += 1
         self.tokens += len(x)
+        if self.pool is not None:
+            self.pool.append(x.detach())
+            while (
+                len(self.pool) > 1 and sum(map(len, self.pool)) - len(self.pool[0]) >= RESAMPLE_POOL
+            ):
+                self.pool.popleft()
 
     def flush_stats(self) -> None:
         if self.count:
@@ -270,36 +312,107 @@ class _Member:
 
     @torch.no_grad()
     def resample(self, x: torch.Tensor) -> int:
-        """Re-initialise dead features towards inputs sampled ∝ squared reconstruction error."""
-        dead = self.dead.nonzero().squeeze(1)
+        """Re-initialise dead latents, and those the optional rules flag; returns how many.
+
+        Targets: dead latents, with `resample_duplicates` the duplicates of more active latents,
+        with `resample_min_fires` the latents that fired fewer times since the last resampling.
+        `resample_target="input"`: directions are unit inputs of the batch `x` drawn ∝ squared
+        reconstruction error (with replacement). `"residual"`: each input of the last
+        RESAMPLE_POOL is refitted by least squares on the latents it activates, and the unit
+        residuals with the largest norms are taken (what the active latents cannot express at any
+        activation, e.g. a feature no latent covers); the encoder column gets the median norm of
+        the live ones, the bias their median, and Adam's second moments their mean (zeros would
+        make the first updates of a re-initialised latent tens of times larger than the LR).
+        """
+        targets = self.dead
+        if self.fired is not None:
+            if self.spec.resample_duplicates is not None:
+                targets = targets | self.duplicates()
+            if self.spec.resample_min_fires:
+                targets = targets | (self.fired < self.spec.resample_min_fires)
+            self.fired.zero_()
+        dead = targets.nonzero().squeeze(1)
         if len(dead) == 0:
             return 0
-        losses = (self.dictionary(x)[0] - x).pow(2).sum(-1)
-        if not losses.sum() > 0:
-            return 0
-        chosen = torch.multinomial(losses, len(dead), replacement=True, generator=self.generator)
-        directions = F.normalize(x[chosen], dim=-1)
-        d = self.dictionary
-        if self.spec.kind == "tied":
-            slots = [(d.W, 0, directions), (d.b, 0, 0.0)]
+        residual = self.spec.resample_target == "residual"
+        if residual:
+            pool = torch.cat(list(self.pool)) if self.pool else x
+            errors = _least_squares_residuals(self.dictionary, pool)
+            norms = errors.pow(2).sum(-1)
+            if not norms.sum() > 0:
+                return 0
+            order = norms.argsort(descending=True)
+            chosen = order[torch.arange(len(dead), device=order.device) % len(order)]
+            directions = F.normalize(errors[chosen], dim=-1)
         else:
-            alive = ~self.dead
-            enc_norm = d.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+            losses = (self.dictionary(x)[0] - x).pow(2).sum(-1)
+            if not losses.sum() > 0:
+                return 0
+            chosen = torch.multinomial(
+                losses, len(dead), replacement=True, generator=self.generator
+            )
+            directions = F.normalize(x[chosen], dim=-1)
+        d = self.dictionary
+        alive = ~targets
+        if self.spec.kind == "tied":
+            if residual and alive.any():
+                norm, bias = d.W[alive].norm(dim=1).median(), float(d.b[alive].median())
+                slots = [(d.W, 0, norm * directions), (d.b, 0, bias)]
+            else:
+                slots = [(d.W, 0, directions), (d.b, 0, 0.0)]
+        else:
+            if residual and alive.any():
+                enc, bias = d.W_enc[:, alive].norm(dim=0).median(), float(d.b_enc[alive].median())
+            else:
+                enc = d.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+                enc, bias = 0.2 * enc, 0.0
             slots = [
                 (d.W_dec, 0, directions),
-                (d.W_enc, 1, 0.2 * enc_norm * directions.T),
-                (d.b_enc, 0, 0.0),
+                (d.W_enc, 1, enc * directions.T),
+                (d.b_enc, 0, bias),
             ]
+        live = alive.nonzero().squeeze(1)
         for param, axis, value in slots:
             if isinstance(value, float):
                 param.index_fill_(axis, dead, value)
             else:
                 param.index_copy_(axis, dead, value)
+            state = self.optimizer.state.get(param, {})
             for name in ("exp_avg", "exp_avg_sq"):
-                if name in self.optimizer.state.get(param, {}):
-                    self.optimizer.state[param][name].index_fill_(axis, dead, 0.0)
+                if name not in state:
+                    continue
+                if residual and name == "exp_avg_sq" and len(live):
+                    mean = state[name].index_select(axis, live).mean(axis, keepdim=True)
+                    shape = list(state[name].shape)
+                    shape[axis] = len(dead)
+                    state[name].index_copy_(axis, dead, mean.expand(shape).contiguous())
+                else:
+                    state[name].index_fill_(axis, dead, 0.0)
         self.since_fired[dead] = 0
         return len(dead)
+
+    @torch.no_grad()
+    def duplicates(self, max_block: int = 1 << 24) -> torch.Tensor:
+        """(d_dict,) bool: latents whose unit decoder direction has cosine >= `resample_duplicates`
+        with a higher-ranked latent (more activations since the last resampling, then lower index).
+
+        Each group of near-identical latents thus keeps its top-ranked member. The Gram matrix is
+        computed in row blocks of at most `max_block` entries.
+        """
+        threshold, n = self.spec.resample_duplicates, self.spec.d_dict
+        directions = F.normalize(self.dictionary.decoder_directions.detach().float(), dim=-1)
+        index = torch.arange(n, device=directions.device)
+        fired = self.fired if self.fired is not None else torch.zeros_like(index)
+        # rank: more activations first, then the lower index (unique, so exactly one is on top)
+        rank = fired.double() * n + (n - 1 - index).double()
+        chunk = max(1, max_block // n)
+        duplicate = torch.zeros(n, dtype=torch.bool, device=directions.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            cosines = directions[rows] @ directions.T
+            higher = rank[None, :] > rank[rows, None]  # excludes the latent itself
+            duplicate[rows] = ((cosines >= threshold) & higher).any(1)
+        return duplicate
 
     def state(self) -> dict[str, Any]:
         return {
@@ -311,6 +424,8 @@ class _Member:
             "count": self.count,
             "stats": self.stats,
             "tokens": self.tokens,
+            **({"fired": self.fired} if self.fired is not None else {}),
+            **({"pool": list(self.pool)} if self.pool is not None else {}),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -320,6 +435,10 @@ class _Member:
         self.generator.set_state(state["generator"])
         self.totals.copy_(state["totals"])
         self.count, self.stats, self.tokens = state["count"], state["stats"], state["tokens"]
+        if self.fired is not None:
+            self.fired.copy_(state["fired"])
+        if self.pool is not None:
+            self.pool = deque(state["pool"])
 
     @torch.no_grad()
     def finish(self, steps: int, scale: float | None) -> Dictionary:
@@ -354,6 +473,35 @@ def _entropy(f: torch.Tensor) -> torch.Tensor:
     """Mean entropy of the features normalised to sum 1 per input."""
     p = f / (f.sum(-1, keepdim=True) + _EPS)
     return -(p * torch.log(p + _EPS)).sum(-1).mean()
+
+
+@torch.no_grad()
+def _least_squares_residuals(
+    dictionary: Dictionary, x: torch.Tensor, max_block: int = 1 << 24
+) -> torch.Tensor:
+    """(n, d) residuals of `x` after a least-squares fit on the decoder directions of the latents
+    each input activates (at most d of them, the most active), plus the decoder bias.
+
+    Unlike `x − x̂`, the residual does not contain the shrinkage of the active latents' activations
+    (the L1 penalty's), so large residuals point at directions that no active latent covers.
+    Works in blocks of at most `max_block` floats.
+    """
+    f = dictionary.encode(x)
+    base = dictionary.decode(torch.zeros_like(f[:1]))
+    target = x - base
+    directions = dictionary.decoder_directions
+    width = max(1, min(int((f > 0).sum(1).max()), directions.shape[1]))
+    values, indices = f.topk(width, dim=1)
+    residuals = torch.empty_like(target)
+    chunk = max(1, max_block // (width * max(width, directions.shape[1])))
+    eye = torch.eye(width, device=x.device, dtype=x.dtype)
+    for start in range(0, len(x), chunk):
+        rows = slice(start, start + chunk)
+        basis = directions[indices[rows]] * (values[rows] > 0)[..., None]  # (m, width, d)
+        gram = basis @ basis.transpose(1, 2) + 1e-4 * eye  # the ridge pins unused slots to 0
+        coefficients = torch.linalg.solve(gram, basis @ target[rows, :, None])
+        residuals[rows] = target[rows] - (coefficients.transpose(1, 2) @ basis).squeeze(1)
+    return residuals
 
 
 @torch.no_grad()
@@ -456,7 +604,10 @@ def _load_checkpoint(path: Path, specs: list[TrainSpec], source: Any) -> dict[st
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file
         raise UserInputError(f"cannot read checkpoint {path}: {error}") from None
-    if state.get("specs") != [asdict(spec) for spec in specs]:
+    # fields added since a checkpoint was written take their defaults
+    defaults = {f.name: f.default for f in fields(TrainSpec) if f.default is not MISSING}
+    saved = [{**defaults, **spec} for spec in state.get("specs", [])]
+    if saved != [asdict(spec) for spec in specs]:
         raise UserInputError(
             f"checkpoint {path} was written for other TrainSpecs; use another directory"
         )

@@ -16,6 +16,9 @@ from sae_circuits.errors import UserInputError
 from sae_circuits.toy import (
     DEFAULT_DECAY_START,
     DEFAULT_LR,
+    DEFAULT_RESAMPLE_DUPLICATES,
+    DEFAULT_RESAMPLE_MIN_FIRES,
+    DEFAULT_RESAMPLE_TARGET,
     METHODS,
     SweepResult,
     ToyConfig,
@@ -172,11 +175,46 @@ def test_cli_reaches_the_report_recipe(monkeypatch, capsys) -> None:
     assert main([*argv, "--lr", "1e-3", "--decay-start", "1", "--resample-every", "0"]) == 0
     report = trained[-1].config.hyperparameters
     assert (report["lr"], report["decay_start"], report["resample_every"]) == (1e-3, 1.0, None)
+    assert (report["resample_duplicates"], report["resample_min_fires"]) == (None, 0)
     assert report["recipe"] == "report" and report["steps"] == 20
     assert main(argv) == 0  # the defaults: faster LR, decayed over the last fifth
     default = trained[-1].config.hyperparameters
     assert (default["lr"], default["decay_start"]) == (DEFAULT_LR, DEFAULT_DECAY_START)
     capsys.readouterr()
+
+
+def test_cli_resampling_options(monkeypatch, capsys) -> None:
+    """The wasted-latent rules are on by default and can be switched off one by one."""
+    specs = []
+
+    def recording_sweep(*args, **kwargs):
+        result = sweep(*args, **kwargs)
+        specs.append(result.dictionaries[0].config.hyperparameters)
+        return result
+
+    monkeypatch.setattr("sae_circuits.cli.toy_cmd.sweep", recording_sweep)
+    argv = ["toy", "--h", "8", "--g", "12", "--l1", "0.1", "--ratios", "1", "--steps", "40"]
+    argv += ["--dead-window", "10", "--resample-every", "20"]
+    assert main(argv) == 0
+    assert (
+        specs[-1]["resample_duplicates"],
+        specs[-1]["resample_min_fires"],
+        specs[-1]["resample_target"],
+    ) == (DEFAULT_RESAMPLE_DUPLICATES, DEFAULT_RESAMPLE_MIN_FIRES, DEFAULT_RESAMPLE_TARGET)
+    for off in ("0", "none"):
+        assert main([*argv, "--resample-duplicates", off]) == 0
+        assert specs[-1]["resample_duplicates"] is None
+    off = ["--resample-min-fires", "0", "--resample-target", "input"]
+    assert main([*argv, "--resample-duplicates", "0.8", *off]) == 0
+    assert (
+        specs[-1]["resample_duplicates"],
+        specs[-1]["resample_min_fires"],
+        specs[-1]["resample_target"],
+    ) == (0.8, 0, "input")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*argv, "--resample-duplicates", "1.5"])
+    assert "(0, 1]" in capsys.readouterr().err
 
 
 def test_cli_json_shape(tmp_path, capsys) -> None:

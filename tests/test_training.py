@@ -161,6 +161,107 @@ def test_resample_reinitialises_dead_features() -> None:
     assert (member.since_fired[dead] < 5).float().mean() > 0.9
 
 
+def duplicate_member(kind: str = "untied", **options) -> _Member:
+    """A trained-for-one-step member whose 8 decoder directions are orthonormal except that
+    latents 2 and 6 both point along direction 2 (cos 1 - 1e-5), with activation counts set."""
+    spec = TrainSpec("x", kind=kind, d_dict=8, warmup_steps=0, dead_window=100, **options)
+    member = _Member(spec, D, "x", None, torch.device("cpu"))
+    member.step(next(iter(PlantedSource()))["x"], 1e-3)  # Adam state exists, nothing is dead
+    rows = torch.linalg.qr(torch.randn(D, 8, generator=torch.Generator().manual_seed(4)))[0].T
+    rows[6] = F.normalize(rows[2] + 3e-3 * rows[7], dim=0)
+    d = member.dictionary
+    with torch.no_grad():
+        if kind == "tied":
+            d.W.copy_(rows)
+            d.b.zero_()
+        else:
+            d.W_dec.copy_(rows)
+            d.W_enc.copy_(rows.T)
+            d.b_enc.zero_()
+            d.b_dec.zero_()
+    if member.fired is not None:
+        member.fired.copy_(torch.tensor([50, 40, 30, 20, 20, 20, 60, 20]))
+    return member
+
+
+@pytest.mark.parametrize("kind", ["untied", "tied"])
+def test_duplicate_resampling_reinitialises_one_of_a_pair(kind: str) -> None:
+    """Of two near-identical decoder directions, the less active latent is re-initialised (with
+    fresh Adam state) and the more active one kept; the other latents are untouched."""
+    member = duplicate_member(kind, resample_duplicates=0.9)
+    d = member.dictionary
+    before = {name: p.detach().clone() for name, p in d.named_parameters()}
+    assert member.duplicates().tolist() == [False, False, True] + [False] * 5  # 6 fired more
+    assert member.resample(next(iter(PlantedSource(seed=3)))["x"]) == 1
+    changed = (d.decoder_directions != before["W" if kind == "tied" else "W_dec"]).any(1)
+    assert changed.tolist() == [False, False, True] + [False] * 5
+    for name, param in d.named_parameters():  # all other latents keep every parameter
+        axis = 1 if name == "W_enc" else 0
+        if param.ndim == 1 and len(param) != 8:
+            continue  # b_dec
+        keep = torch.tensor([i != 2 for i in range(8)])
+        kept, old = param.detach().index_select(axis, keep.nonzero().squeeze(1)), before[name]
+        assert torch.equal(kept, old.index_select(axis, keep.nonzero().squeeze(1))), name
+    state = member.optimizer.state[d.W if kind == "tied" else d.W_dec]
+    assert not state["exp_avg"][2].any() and state["exp_avg"][6].any()
+    assert member.fired is not None and not member.fired.any()  # counts restart
+    # equal counts: the lower index is kept; blocks of any size give the same answer
+    member = duplicate_member(kind, resample_duplicates=0.9)
+    member.fired.fill_(7)
+    assert member.duplicates().nonzero().squeeze(1).tolist() == [6]
+    assert member.duplicates(max_block=8).nonzero().squeeze(1).tolist() == [6]
+
+
+def test_duplicate_resampling_off_by_default() -> None:
+    """Without `resample_duplicates` (None) the duplicate pair survives resampling and no
+    activations are counted."""
+    member = duplicate_member()
+    assert member.fired is None and member.pool is None
+    before = [p.detach().clone() for p in member.dictionary.parameters()]
+    assert member.resample(next(iter(PlantedSource(seed=3)))["x"]) == 0
+    after = list(member.dictionary.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_rarely_firing_latents_are_resampled() -> None:
+    """`resample_min_fires=25` re-initialises the latents that fired 20 times, and only those
+    (the duplicate pair is kept: duplicates are not checked)."""
+    member = duplicate_member(resample_min_fires=25)
+    before = member.dictionary.W_dec.detach().clone()
+    assert member.resample(next(iter(PlantedSource(seed=3)))["x"]) == 4
+    changed = (member.dictionary.W_dec != before).any(1)
+    assert changed.tolist() == [False, False, False, True, True, True, False, True]
+
+
+def test_residual_target_finds_the_uncovered_feature() -> None:
+    """Latents 0-5 are features 0-5, latent 6 duplicates latent 2 (and fired more), latent 7
+    duplicates latent 0 (and fired less); the inputs also contain feature 7, which no latent
+    covers. The least-squares residual of those inputs is along feature 7, so both re-initialised
+    latents (2 and 7) land on it, with encoder norm, bias and Adam second moments like the live
+    latents'."""
+    member = duplicate_member(resample_duplicates=0.9, resample_target="residual")
+    d = member.dictionary
+    features = d.W_dec.detach().clone()
+    with torch.no_grad():
+        d.W_dec[7] = d.W_enc[:, 7] = features[0]
+        d.W_enc[:, 3] *= 3.0  # live encoder norms 1, 1, 1, 1, 1, 3: median 1
+    generator = torch.Generator().manual_seed(5)
+    present = torch.tensor([0, 1, 2, 3, 4, 5, 7])
+    active = torch.rand(512, 7, generator=generator) < 0.3
+    x = (torch.rand(512, 7, generator=generator) * active) @ features[present]
+    live = torch.tensor([0, 1, 3, 4, 5, 6])
+    v_live = member.optimizer.state[d.W_dec]["exp_avg_sq"][live].mean(0)
+    assert member.pool is not None and len(member.pool) == 1  # the training batch
+    member.pool.clear()  # resample from x alone
+    assert member.resample(x) == 2
+    assert (d.W_dec[[2, 7]] @ features[7]).min() > 0.999
+    torch.testing.assert_close(d.W_enc[:, [2, 7]].norm(dim=0), torch.ones(2))
+    assert not d.b_enc[[2, 7]].any()  # the live biases are all 0
+    for latent in (2, 7):
+        torch.testing.assert_close(member.optimizer.state[d.W_dec]["exp_avg_sq"][latent], v_live)
+        assert not member.optimizer.state[d.W_dec]["exp_avg"][latent].any()
+
+
 def test_resampling_schedule_revives_dead_features() -> None:
     """Inputs on a few positive rays leave about half the random features dead for good; the
     resampling schedule brings them back."""
@@ -218,6 +319,18 @@ def test_resume_equals_uninterrupted(tmp_path, crash_at: int) -> None:
             normalize=True,
         ),
         TrainSpec("x", kind="topk", k=3, d_dict=48, seed=5),
+        TrainSpec(  # activation counts and the input pool are checkpointed too
+            "x",
+            d_dict=32,
+            l1=3e-2,
+            warmup_steps=0,
+            resample_every=6,
+            dead_window=3,
+            resample_duplicates=0.8,
+            resample_min_fires=50,
+            resample_target="residual",
+            seed=2,
+        ),
     ]
     run = dict(steps=30, progress=False, checkpoint_every=5)
     reference = train_dictionaries(PlantedSource(), specs, **run)
@@ -232,6 +345,25 @@ def test_resume_equals_uninterrupted(tmp_path, crash_at: int) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary left
     with pytest.raises(UserInputError, match="other TrainSpecs"):
         train_dictionaries(PlantedSource(), specs[:1], checkpoint_dir=tmp_path, **run)
+
+
+def test_checkpoint_without_newer_fields_resumes(tmp_path) -> None:
+    """A checkpoint written before the resampling fields existed resumes: absent fields are
+    taken at their defaults."""
+    specs = [TrainSpec("x", d_dict=32, warmup_steps=0, resample_every=4, dead_window=2)]
+    run = dict(steps=12, progress=False, checkpoint_every=5)
+    reference = train_dictionaries(PlantedSource(), specs, **run)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_dictionaries(PlantedSource(crash_at=9), specs, checkpoint_dir=tmp_path, **run)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    for spec in state["specs"]:
+        for name in ("resample_duplicates", "resample_min_fires", "resample_target"):
+            del spec[name]
+    torch.save(state, path)
+    assert_identical(
+        reference, train_dictionaries(PlantedSource(), specs, checkpoint_dir=tmp_path, **run)
+    )
 
 
 def test_seed_determines_weights() -> None:
@@ -294,6 +426,10 @@ def test_bad_input_raises_user_input_error() -> None:
         dict(kind="topk"),
         dict(sparsity="entropy", kind="topk", k=2),
         dict(lr=0.0),
+        dict(resample_duplicates=0.0),
+        dict(resample_duplicates=1.5),
+        dict(resample_min_fires=-1),
+        dict(resample_target="output"),
     ):
         with pytest.raises(UserInputError):
             TrainSpec("x", **bad)

@@ -17,7 +17,10 @@ from sae_circuits.toy import (
     DEFAULT_L1S,
     DEFAULT_LR,
     DEFAULT_RATIOS,
+    DEFAULT_RESAMPLE_DUPLICATES,
     DEFAULT_RESAMPLE_EVERY,
+    DEFAULT_RESAMPLE_MIN_FIRES,
+    DEFAULT_RESAMPLE_TARGET,
     DEFAULT_STEPS,
     HEATMAPS,
     SweepResult,
@@ -28,7 +31,7 @@ from sae_circuits.toy import (
     select,
     sweep,
 )
-from sae_circuits.training import RECIPES
+from sae_circuits.training import RECIPES, RESAMPLE_TARGETS
 
 METHOD_TITLES = {
     "dead": "largest (size, L1) without dead features",
@@ -79,6 +82,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"(default {DEFAULT_RESAMPLE_EVERY}; 0: never, as in the report)",
     )
     parser.add_argument(
+        "--resample-duplicates",
+        type=_cosine_or_none,
+        default=DEFAULT_RESAMPLE_DUPLICATES,
+        metavar="COS",
+        help="at each resampling, also re-initialise latents whose decoder direction has cosine "
+        f">= COS with a more active latent (default {DEFAULT_RESAMPLE_DUPLICATES:g}; 0 or none: off)",
+    )
+    parser.add_argument(
+        "--resample-min-fires",
+        type=int,
+        default=DEFAULT_RESAMPLE_MIN_FIRES,
+        metavar="N",
+        help="at each resampling, also re-initialise latents that fired fewer than N times since "
+        f"the previous one (default {DEFAULT_RESAMPLE_MIN_FIRES}; 0: off)",
+    )
+    parser.add_argument(
+        "--resample-target",
+        choices=RESAMPLE_TARGETS,
+        default=DEFAULT_RESAMPLE_TARGET,
+        help="re-initialise towards least-squares residuals of recent inputs (residual) or "
+        f"towards badly reconstructed inputs (input) (default {DEFAULT_RESAMPLE_TARGET})",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -114,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         decay_start=args.decay_start,
         resample_every=args.resample_every or None,
+        resample_duplicates=args.resample_duplicates,
+        resample_min_fires=args.resample_min_fires,
+        resample_target=args.resample_target,
         seed=args.seed,
     )
     selected = select(result)
@@ -134,6 +163,21 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(document)
     return 0
+
+
+def _cosine_or_none(text: str) -> float | None:
+    """`--resample-duplicates`: a cosine in (0, 1], or 0 / none for off."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a cosine: {text!r}") from None
+    if value == 0:
+        return None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"the cosine must be in (0, 1], or 0 / none: {text!r}")
+    return value
 
 
 def _cell(name: str, value: float) -> str:
