@@ -133,3 +133,18 @@ def test_checkpoint_key_changes_with_model_weights_and_run(model_dirs, tmp_path)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     assert model_fingerprint(model) != before
+
+
+def test_resampling_options_reach_the_trainer(model_dirs, tmp_path, capsys):
+    argv = ["train", "--model", str(model_dirs["gpt2"]), "--site", "resid.0", "--dict-size", "32"]
+    argv += ["--tokens", "1024", *ARGS, "--out", str(tmp_path), "--json"]
+    rules = ["--resample-duplicates", "0.8", "--resample-min-fires", "2"]
+    rules += ["--resample-target", "residual"]
+    assert main([*argv, *rules]) == 2
+    assert "give --resample-every too" in capsys.readouterr().err
+    rows = run_json(capsys, [*argv, *rules, "--resample-every", "4", "--dead-window", "2"])
+    hyperparameters = Dictionary.load(rows[0]["path"]).config.hyperparameters
+    assert hyperparameters["resample_every"] == 4
+    assert hyperparameters["resample_duplicates"] == 0.8
+    assert hyperparameters["resample_min_fires"] == 2
+    assert hyperparameters["resample_target"] == "residual"

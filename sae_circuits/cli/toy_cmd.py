@@ -11,7 +11,12 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from sae_circuits.cli.common import add_json_argument, console, print_json
+from sae_circuits.cli.common import (
+    add_json_argument,
+    add_resampling_arguments,
+    console,
+    print_json,
+)
 from sae_circuits.toy import (
     DEFAULT_DECAY_START,
     DEFAULT_L1S,
@@ -31,7 +36,7 @@ from sae_circuits.toy import (
     select,
     sweep,
 )
-from sae_circuits.training import RECIPES, RESAMPLE_TARGETS
+from sae_circuits.training import RECIPES
 
 METHOD_TITLES = {
     "dead": "largest (size, L1) without dead features",
@@ -81,28 +86,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="re-initialise dead latents every N steps, never within the dead window of the end "
         f"(default {DEFAULT_RESAMPLE_EVERY}; 0: never, as in the report)",
     )
-    parser.add_argument(
-        "--resample-duplicates",
-        type=_cosine_or_none,
-        default=DEFAULT_RESAMPLE_DUPLICATES,
-        metavar="COS",
-        help="at each resampling, also re-initialise latents whose decoder direction has cosine "
-        f">= COS with a more active latent (default {DEFAULT_RESAMPLE_DUPLICATES:g}; 0 or none: off)",
-    )
-    parser.add_argument(
-        "--resample-min-fires",
-        type=int,
-        default=DEFAULT_RESAMPLE_MIN_FIRES,
-        metavar="N",
-        help="at each resampling, also re-initialise latents that fired fewer than N times since "
-        f"the previous one (default {DEFAULT_RESAMPLE_MIN_FIRES}; 0: off)",
-    )
-    parser.add_argument(
-        "--resample-target",
-        choices=RESAMPLE_TARGETS,
-        default=DEFAULT_RESAMPLE_TARGET,
-        help="re-initialise towards least-squares residuals of recent inputs (residual) or "
-        f"towards badly reconstructed inputs (input) (default {DEFAULT_RESAMPLE_TARGET})",
+    add_resampling_arguments(
+        parser,
+        duplicates=DEFAULT_RESAMPLE_DUPLICATES,
+        min_fires=DEFAULT_RESAMPLE_MIN_FIRES,
+        target=DEFAULT_RESAMPLE_TARGET,
     )
     parser.add_argument(
         "--threads",
@@ -163,21 +151,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(document)
     return 0
-
-
-def _cosine_or_none(text: str) -> float | None:
-    """`--resample-duplicates`: a cosine in (0, 1], or 0 / none for off."""
-    if text.strip().lower() in ("none", "off"):
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a cosine: {text!r}") from None
-    if value == 0:
-        return None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"the cosine must be in (0, 1], or 0 / none: {text!r}")
-    return value
 
 
 def _cell(name: str, value: float) -> str:

@@ -10,7 +10,13 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from sae_circuits.cli.common import add_json_argument, add_model_argument, console, print_json
+from sae_circuits.cli.common import (
+    add_json_argument,
+    add_model_argument,
+    add_resampling_arguments,
+    console,
+    print_json,
+)
 from sae_circuits.errors import UserInputError
 from sae_circuits.evaluation import METRIC_KEYS
 from sae_circuits.models import load_model
@@ -50,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--decay-start", type=float, help="start of linear LR decay (fraction)")
     parser.add_argument("--resample-every", type=int, help="resample dead features every N steps")
     parser.add_argument("--dead-window", type=int, default=500, help="steps without firing = dead")
+    add_resampling_arguments(parser)
     parser.add_argument("--normalize", action="store_true", help="normalise activation scale")
     parser.add_argument("--noise-std", type=float, default=0.0, help="denoising input noise")
     parser.add_argument("--ctx-len", type=int, default=128)
@@ -74,6 +81,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError("--tokens must be at least --batch-size")
     if args.kind == "topk" and not args.k:
         raise UserInputError("--kind topk needs --k")
+    if not args.resample_every and (
+        args.resample_duplicates is not None
+        or args.resample_min_fires
+        or args.resample_target != "input"
+    ):
+        raise UserInputError(
+            "--resample-duplicates, --resample-min-fires and --resample-target act at each "
+            "resampling: give --resample-every too"
+        )
     sizes = args.dict_size or [4096]
     l1s = args.l1 or [1e-3]
     specs = [
@@ -88,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
             warmup_steps=args.warmup_steps,
             decay_start=args.decay_start,
             resample_every=args.resample_every,
+            resample_duplicates=args.resample_duplicates,
+            resample_min_fires=args.resample_min_fires,
+            resample_target=args.resample_target,
             dead_window=args.dead_window,
             noise_std=args.noise_std,
             normalize=args.normalize,
