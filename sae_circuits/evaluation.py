@@ -1,8 +1,8 @@
 """Quality of spliced dictionaries, measured through nnsight traces over batches of tokens.
 
-Per site, one batched trace runs the clean model (reading features and error), the model with the
-site's error set to zero (the activation replaced by its reconstruction) and the model with the site
-zero-ablated. Metrics, over non-pad positions (and, with `skip_first`, not the first position of a
+Per batch, one trace runs the clean model (reading every site's features and error); then per site
+one batched trace runs the model with the site's error set to zero (the activation replaced by its
+reconstruction) and the model with the site zero-ablated. Metrics, over non-pad positions (and, with `skip_first`, not the first position of a
 context, which is BOS and keeps its activation in every run):
 
 - `mse`: mean over positions and dimensions of (x − x̂)²;  `cosine`: mean cos(x, x̂);
@@ -28,6 +28,21 @@ from sae_circuits.sites import Site
 from sae_circuits.splice import attached, spliced, temporarily_attached
 
 METRIC_KEYS = ("mse", "l1", "l0", "frac_alive", "fve", "cosine", "loss_recovered", "kl", "ce_delta")
+
+
+class _CleanTokens:
+    """The clean run's next-token log-probabilities over the real (non-pad) pairs of a batch."""
+
+    def __init__(self, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        self.pair_mask = (mask[:, :-1] & mask[:, 1:]).reshape(-1)
+        self.targets = ids[:, 1:].reshape(-1)[self.pair_mask]
+        self.log_probs = self.log_probs_of(logits)
+        self.ce = F.nll_loss(self.log_probs, self.targets, reduction="sum").item()
+
+    def log_probs_of(self, logits: torch.Tensor) -> torch.Tensor:
+        """Float64 log-probabilities of `(batch, ctx, vocab)` logits at the real pairs."""
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])[self.pair_mask]
+        return flat.double().log_softmax(-1)
 
 
 @dataclass
@@ -64,20 +79,19 @@ class _SiteTotals:
         self.alive = fired if self.alive is None else self.alive | fired
 
     def add_losses(
-        self, clean: torch.Tensor, spliced_logits: torch.Tensor, zero: torch.Tensor, ids, mask
+        self, clean: _CleanTokens, spliced_logits: torch.Tensor, zero: torch.Tensor
     ) -> None:
-        """Accumulate next-token CE of the three runs and KL(clean ‖ spliced) over real pairs."""
-        pair_mask = (mask[:, :-1] & mask[:, 1:]).reshape(-1)
-        targets = ids[:, 1:].reshape(-1)[pair_mask]
+        """Accumulate next-token CE of the spliced and zero-ablated runs beside the clean one and
+        KL(clean ‖ spliced), over the real (non-pad) next-token pairs."""
+        self.ce["clean"] += clean.ce
         log_probs = {}
-        for name, logits in (("clean", clean), ("spliced", spliced_logits), ("zero", zero)):
-            flat = logits[:, :-1].reshape(-1, logits.shape[-1])[pair_mask].double()
-            log_probs[name] = flat.log_softmax(-1)
-            self.ce[name] += F.nll_loss(log_probs[name], targets, reduction="sum").item()
+        for name, logits in (("spliced", spliced_logits), ("zero", zero)):
+            log_probs[name] = clean.log_probs_of(logits)
+            self.ce[name] += F.nll_loss(log_probs[name], clean.targets, reduction="sum").item()
         self.kl += F.kl_div(
-            log_probs["spliced"], log_probs["clean"], log_target=True, reduction="sum"
+            log_probs["spliced"], clean.log_probs, log_target=True, reduction="sum"
         ).item()
-        self.ce_tokens += int(pair_mask.sum())
+        self.ce_tokens += clean.targets.numel()
 
     def metrics(self) -> dict[str, float]:
         n = max(self.positions, 1)
@@ -128,8 +142,14 @@ def evaluate(
             scored = mask.clone()
             if skip_first:
                 scored[:, 0] = False
+            inputs = {"input_ids": ids, "attention_mask": mask.long()}
+            clean_logits, reads = _clean_run(model, sites, inputs)
+            clean = _CleanTokens(clean_logits, ids, mask)
             for site in sites:
-                _evaluate_batch(model, site, ids, mask, scored, totals[str(site)])
+                features, error = reads[str(site)]
+                _evaluate_site(
+                    model, site, inputs, scored, features, error, clean, totals[str(site)]
+                )
             bar.advance(0)
     return {name: site_totals.metrics() for name, site_totals in totals.items()}
 
@@ -138,23 +158,36 @@ def _key(dictionaries: Mapping[str | Site, Dictionary], site: Site) -> str | Sit
     return next(key for key in dictionaries if Site.parse(key) == site)
 
 
-def _evaluate_batch(
+def _clean_run(
+    model: Any, sites: list[Site], inputs: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The clean logits and every site's `(features, error)`, read in one forward pass (the sites
+    in forward order)."""
+    reads = {}
+    with model.trace(**inputs):
+        for site in sites:
+            hook = spliced(model, site)
+            reads[str(site)] = (hook.features.output.save(), hook.error.output.save())
+        logits = model.output.logits.save()
+    return logits, reads
+
+
+def _evaluate_site(
     model: Any,
     site: Site,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
+    inputs: dict[str, torch.Tensor],
     scored: torch.Tensor,
+    features: torch.Tensor,
+    error: torch.Tensor,
+    clean: _CleanTokens,
     totals: _SiteTotals,
 ) -> None:
+    """Accumulate one site's metrics on a batch: reconstruction from the clean run's reads, and one
+    batched trace with the site's activation replaced by its reconstruction and zero-ablated."""
     hook = spliced(model, site)
     dictionary = attached(model)[str(site)]
-    inputs = {"input_ids": ids, "attention_mask": mask.long()}
     keep = (~scored).unsqueeze(-1)  # positions whose activation every run leaves untouched
     with model.trace() as tracer:
-        with tracer.invoke(**inputs):
-            features = hook.features.output.save()
-            error = hook.error.output.save()
-            clean = model.output.logits.save()
         with tracer.invoke(**inputs):
             hook.error.output = hook.error.output * keep
             reconstructed = model.output.logits.save()
@@ -167,7 +200,7 @@ def _evaluate_batch(
     x_hat = dictionary.decode(features)
     x = x_hat + error
     totals.add_reconstruction(x[scored], x_hat[scored], features[scored])
-    totals.add_losses(clean, reconstructed, zero, ids, mask)
+    totals.add_losses(clean, reconstructed, zero)
 
 
 __all__ = ["METRIC_KEYS", "evaluate"]
