@@ -1,4 +1,5 @@
-"""Pick the shipped resid.3 dictionaries from a grid run (one per width: 1024 → main, 4096 → wide).
+"""Pick the shipped resid.3 dictionaries from grid runs (one per width found: 1024 → main,
+4096 → wide).
 
 Per width, the dictionary meeting the residual-stream bar (L0 <= 30, loss recovered >= 90%) with
 the highest loss recovered; if none meets it, the sparsest one that recovers >= 90%; failing that,
@@ -28,6 +29,7 @@ def rank(metrics: dict[str, float]) -> tuple[int, float]:
 
 
 def main(grid_dirs: list[Path], out_dir: Path) -> None:
+    picked = 0
     for width, set_name in SETS.items():
         candidates = []
         for grid_dir in grid_dirs:
@@ -35,7 +37,8 @@ def main(grid_dirs: list[Path], out_dir: Path) -> None:
                 metrics = json.loads((folder / "config.json").read_text())["metrics"]
                 candidates.append((rank(metrics), folder, metrics))
         if not candidates:
-            raise SystemExit(f"no untied_{width}_l1-* dictionaries under {grid_dirs}")
+            continue
+        picked += 1
         (tier, _), folder, metrics = max(candidates, key=lambda c: c[0])
         target = out_dir / set_name / "resid.3"
         shutil.rmtree(target, ignore_errors=True)
@@ -45,6 +48,9 @@ def main(grid_dirs: list[Path], out_dir: Path) -> None:
             f"loss recovered {metrics['loss_recovered']:.3f}"
             + ("" if tier == 2 else " (no candidate meets L0 <= 30 and >= 90%)")
         )
+    if not picked:
+        widths = " or ".join(str(w) for w in SETS)
+        raise SystemExit(f"no untied_<width>_l1-* dictionaries (width {widths}) under {grid_dirs}")
 
 
 if __name__ == "__main__":

@@ -24,14 +24,16 @@ fi
 # L0 <= 30 with >= 90% loss recovered (L1 0.5: L0 42, 82%), at 3M L1 0.5 did (L0 27, 90.6%). A small
 # grid per width is trained on RESID3_TOKENS and pick_resid3.py keeps per width the best that
 # meets L0 <= 30 and >= 90% loss recovered, else the sparsest that recovers >= 90%.
+# 4096 features at resid.3 needed 6M activations (at 3M, L1 0.5: L0 39, 85.8%).
 RESID3_TOKENS=${RESID3_TOKENS:-4000000}
+RESID3_WIDE_TOKENS=${RESID3_WIDE_TOKENS:-6000000}
 WIDE_TOKENS=${WIDE_TOKENS:-3000000}
 sae-circuits train --site embed --site resid.0 --site resid.1 --site resid.2 \
   --dict-size 1024 --l1 3 --tokens "$TOKENS" "${COMMON[@]}" --out "$OUT/main"
 sae-circuits train --site resid.3 --dict-size 1024 --l1 0.4 --l1 0.5 --l1 0.6 \
   --tokens "$RESID3_TOKENS" "${COMMON[@]}" --out runs/resid3_main
-sae-circuits train --site resid.3 --dict-size 4096 --l1 0.5 --l1 0.7 \
-  --tokens "$WIDE_TOKENS" "${COMMON[@]}" --out runs/resid3_wide
+sae-circuits train --site resid.3 --dict-size 4096 --l1 0.5 --l1 0.6 \
+  --tokens "$RESID3_WIDE_TOKENS" "${COMMON[@]}" --out runs/resid3_wide
 python scripts/pick_resid3.py runs/resid3_main/resid.3 runs/resid3_wide/resid.3 "$OUT"
 sae-circuits train --site attn.0 --site attn.1 --site attn.2 --site attn.3 \
   --dict-size 1024 --l1 0.3 --tokens "$TOKENS" "${COMMON[@]}" --out "$OUT/main"
