@@ -177,8 +177,9 @@ def train_dictionaries(
         scales = {key: _activation_scale(first, key) for key in normalized}
         start = 0
     sites = site_names or {}
+    indicators = _Indicators()
     members = [
-        _Member(spec, widths[spec.key], sites.get(spec.key, spec.key), model, device)
+        _Member(spec, widths[spec.key], sites.get(spec.key, spec.key), model, device, indicators)
         for spec in specs
     ]
     if state:
@@ -219,14 +220,38 @@ def train_dictionaries(
     ]
 
 
+class _Indicators:
+    """`f > 0` as float 0/1 in a buffer reused across steps and dictionaries of the same shape.
+
+    On CPU a fresh (batch, d_dict) tensor per step costs more in page faults than the comparison,
+    and reducing a bool tensor is several times slower than reducing a float one.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+    def of(self, f: torch.Tensor) -> torch.Tensor:
+        key = (tuple(f.shape), f.device)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(f.shape, device=f.device)
+        return torch.gt(f, 0, out=self.buffers[key])
+
+
 # --------------------------------------------------------------------------------- one dictionary
 class _Member:
     """A dictionary in training with its optimizer, dead-feature counters and RNG."""
 
     def __init__(
-        self, spec: TrainSpec, d_in: int, site: str, model: str | None, device: torch.device
+        self,
+        spec: TrainSpec,
+        d_in: int,
+        site: str,
+        model: str | None,
+        device: torch.device,
+        indicators: _Indicators | None = None,
     ) -> None:
         self.spec = spec
+        self.indicators = indicators or _Indicators()
         config = DictionaryConfig(
             kind=spec.kind, d_in=d_in, d_dict=spec.d_dict, site=site, model=model, k=spec.k
         )
@@ -286,10 +311,10 @@ class _Member:
         if self.decoder is not None:
             self.dictionary.normalize_decoder()
         with torch.no_grad():
-            active = f > 0
-            self.since_fired.add_(1).masked_fill_(active.any(0), 0)
+            active = self.indicators.of(f)
+            self.since_fired.add_(1).masked_fill_(active.amax(0) > 0, 0)
             if self.fired is not None:
-                self.fired += active.sum(0)
+                self.fired += active.sum(0).long()
             self.totals += torch.stack([mse.detach(), sparsity.detach(), active.sum() / len(x)])
         self.count += 1
         self.tokens += len(x)
