@@ -22,9 +22,9 @@ fi
 # resid.3 (the last block, read by the final layer norm) needs a smaller L1 than resid.0-2 (at l1=3
 # its L0 was 4 and the loss recovered negative) and more training: at 1M activations no L1 gave
 # L0 <= 30 with >= 90% loss recovered (L1 0.5: L0 42, 82%), at 3M L1 0.5 did (L0 27, 90.6%). A small
-# grid per width is trained on RESID3_TOKENS and pick_resid3.py keeps per width the best that
-# meets L0 <= 30 and >= 90% loss recovered, else the sparsest that recovers >= 90%.
-# 4096 features at resid.3 needed 6M activations (at 3M, L1 0.5: L0 39, 85.8%).
+# grid per width is trained (1024 features on RESID3_TOKENS; 4096 on RESID3_WIDE_TOKENS, since at 3M
+# L1 0.5 gave L0 39, 85.8%) and pick_resid3.py keeps per width the best that meets L0 <= 30 and
+# >= 90% loss recovered, else the sparsest that recovers >= 90%.
 RESID3_TOKENS=${RESID3_TOKENS:-4000000}
 RESID3_WIDE_TOKENS=${RESID3_WIDE_TOKENS:-6000000}
 WIDE_TOKENS=${WIDE_TOKENS:-3000000}
