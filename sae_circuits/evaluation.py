@@ -2,8 +2,9 @@
 
 Per batch, one trace runs the clean model (reading every site's features and error); then per site
 one batched trace runs the model with the site's error set to zero (the activation replaced by its
-reconstruction) and the model with the site zero-ablated. Metrics, over non-pad positions (and, with `skip_first`, not the first position of a
-context, which is BOS and keeps its activation in every run):
+reconstruction) and the model with the site zero-ablated. Metrics, over non-pad positions (and, with
+`skip_first`, not the first position of a context, which is BOS and keeps its activation in every
+run):
 
 - `mse`: mean over positions and dimensions of (x − x̂)²;  `cosine`: mean cos(x, x̂);
 - `fve`: fraction of variance explained, 1 − Σ‖x − x̂‖² / Σ‖x − mean(x)‖²;

@@ -60,7 +60,7 @@ def add_resampling_arguments(
         default=duplicates,
         metavar="COS",
         help="at each resampling, also re-initialise latents whose decoder direction has cosine "
-        f">= COS with a more active latent (default {duplicates or 'off'}; 0 or none: off)",
+        f">= COS with a more active latent (default {duplicates or 'off'}; 0, none or off: off)",
     )
     parser.add_argument(
         "--resample-min-fires",
@@ -90,5 +90,7 @@ def _cosine_or_none(text: str) -> float | None:
     if value == 0:
         return None
     if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"the cosine must be in (0, 1], or 0 / none: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"the cosine must be in (0, 1], or 0 / none / off: {text!r}"
+        )
     return value

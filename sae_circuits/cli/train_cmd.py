@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.resample_every and (
         args.resample_duplicates is not None
         or args.resample_min_fires
-        or args.resample_target != "input"
+        or args.resample_target != TrainSpec.resample_target
     ):
         raise UserInputError(
             "--resample-duplicates, --resample-min-fires and --resample-target act at each "
