@@ -8,6 +8,7 @@ tuple outputs of attention modules.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -92,9 +93,14 @@ def num_layers(model: Any) -> int:
     return int(model.config.num_hidden_layers)
 
 
+@functools.total_ordering
 @dataclass(frozen=True)
 class Site:
-    """A place in a model: `kind` in SITE_KINDS, `layer` for per-block kinds, `path` for `module:`."""
+    """A place in a model: `kind` in SITE_KINDS, `layer` for per-block kinds, `path` for `module:`.
+
+    Parsed once from text at the package's boundaries (`Site.parse`), then used as the key
+    everywhere inside: hashable, and sorted in forward-execution order.
+    """
 
     kind: str
     layer: int | None = None
@@ -127,6 +133,9 @@ class Site:
             return "embed"
         return f"{self.kind}.{self.layer}"
 
+    def __repr__(self) -> str:
+        return f"Site({str(self)!r})"
+
     @property
     def order(self) -> tuple[int, int]:
         """A sort key in forward-execution order (module sites: by the first layer index in the path)."""
@@ -136,6 +145,11 @@ class Site:
             numbers = re.findall(r"\.(\d+)(?:\.|$)", self.path or "")
             return (int(numbers[0]) if numbers else 10**6, _KIND_RANK["module"])
         return (self.layer, _KIND_RANK[self.kind])
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Site):
+            return NotImplemented
+        return (self.order, str(self)) < (other.order, str(other))
 
     def resolve(self, model: Any) -> tuple[str, str]:
         """(module path, "output" or "input") for this site on `model`; validates the layer."""
