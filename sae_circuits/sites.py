@@ -175,6 +175,38 @@ class Site:
         return f"{block}.{path}", io
 
 
+class SiteMap(dict):
+    """A dict keyed by `Site`, built in forward order, that also accepts a site's text form as a key.
+
+    Results keyed by site (`attached`, `load_dictionaries`, `evaluate`, ...) are SiteMaps, so
+    `result["resid.2"]` and `result[Site.parse("resid.2")]` are the same entry.
+    """
+
+    def __init__(self, items: Any = ()) -> None:
+        pairs = items.items() if hasattr(items, "items") else items
+        parsed = [(Site.parse(key), value) for key, value in pairs]
+        super().__init__(sorted(parsed, key=lambda pair: pair[0]))
+
+    def __getitem__(self, key: str | Site) -> Any:
+        return super().__getitem__(Site.parse(key))
+
+    def __setitem__(self, key: str | Site, value: Any) -> None:
+        super().__setitem__(Site.parse(key), value)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return isinstance(key, str | Site) and super().__contains__(Site.parse(key))
+        except UserInputError:
+            return False
+
+    def get(self, key: str | Site, default: Any = None) -> Any:
+        return super().get(Site.parse(key), default)
+
+    def text_keys(self) -> dict[str, Any]:
+        """The same entries keyed by the sites' text forms (for JSON)."""
+        return {str(site): value for site, value in self.items()}
+
+
 def valid_sites(model: Any) -> list[str]:
     """All standard sites of `model` in forward order."""
     kinds = ("attn", "mlp_in", "mlp_hidden", "mlp", "resid")
