@@ -30,7 +30,7 @@ from sae_circuits.testing import save_pythia_70m_shaped
 from sae_circuits.text import default_documents
 from sae_circuits.training import TrainSpec
 
-SITE = "resid.5"
+SITE = Site.parse("resid.5")
 
 
 class _Stop(Exception):
@@ -39,7 +39,7 @@ class _Stop(Exception):
 
 def raw_harvest(model, ids: torch.Tensor, stop_early: bool) -> torch.Tensor:
     """Plain torch: a forward hook on the block collects its output (dropping BOS like ours)."""
-    module = torch_module(model).get_submodule(Site.parse(SITE).resolve(model)[0])
+    module = torch_module(model).get_submodule(SITE.resolve(model)[0])
     captured = []
 
     def hook(mod, args, output):
@@ -72,8 +72,7 @@ def main() -> None:
     batches = list(
         islice(token_batches(model.tokenizer, default_documents(False), 128, 16), args.batches)
     )
-    site = [Site.parse(SITE)]
-    ours = lambda ids: harvest(model, site, ids, torch.ones_like(ids))[SITE]  # noqa: E731
+    ours = lambda ids: harvest(model, [SITE], ids, torch.ones_like(ids))[str(SITE)]  # noqa: E731
     methods = {
         "sae-circuits harvest": ours,
         "raw forward + hook": lambda ids: raw_harvest(model, ids, stop_early=False),

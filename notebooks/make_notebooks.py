@@ -76,7 +76,7 @@ notebook(
         ("code", SETUP),
         (
             "code",
-            "import torch\nfrom sae_circuits import load_model, load_dictionaries, attach, detach, spliced, load_task\nfrom sae_circuits.interventions import run, compare_bases\n\nmodel = load_model()\nn = 12 if QUICK else 64\ntrain = load_task('ioi', model, 'abc', n, 0, 'train')\ntest = load_task('ioi', model, 'abc', n, 0, 'heldout')\nprint(test.clean[0], '|', test.corrupt[0])\nclean, corrupt = run(model, test).metric, run(model, test, corrupted=True).metric\nprint('logit(IO) - logit(S): clean', clean.mean().item(), 'corrupted', corrupt.mean().item())",
+            "import torch\nfrom sae_circuits import load_model, load_dictionaries, attach, detach, spliced, load_task\nfrom sae_circuits.interventions import run\nfrom sae_circuits.patching_curves import compare_bases\n\nmodel = load_model()\nn = 12 if QUICK else 64\ntrain = load_task('ioi', model, 'abc', n, 0, 'train')\ntest = load_task('ioi', model, 'abc', n, 0, 'heldout')\nprint(test.clean[0], '|', test.corrupt[0])\nclean, corrupt = run(model, test).metric, run(model, test, corrupted=True).metric\nprint('logit(IO) - logit(S): clean', clean.mean().item(), 'corrupted', corrupt.mean().item())",
         ),
         (
             "md",

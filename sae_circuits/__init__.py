@@ -4,6 +4,7 @@ Train and evaluate sparse autoencoders, patch and ablate their features, and dis
 circuits, all as ordinary nnsight traces over a model with dictionaries spliced in.
 """
 
+from sae_circuits.buffer import ActivationBuffer
 from sae_circuits.circuits import (
     Circuit,
     faithfulness,
@@ -32,16 +33,34 @@ from sae_circuits.features import (
     feature_frequencies,
     inspect_features,
 )
+from sae_circuits.interventions import InterventionResult, ablate, patch, pin
 from sae_circuits.models import embedded_model_path, load_model
-from sae_circuits.sites import Site, read_site, valid_sites, write_site
+from sae_circuits.nodes import Node
+from sae_circuits.patching_curves import PatchingCurve, compare_bases, patching_curve
+from sae_circuits.protocols import Model
+from sae_circuits.sites import Site, SiteMap, read_site, valid_sites, write_site
 from sae_circuits.splice import attach, attached, detach, spliced, temporarily_attached
 from sae_circuits.tasks import Task, load_task
 from sae_circuits.text import read_documents, token_batches
+from sae_circuits.training import TrainSpec, train_dictionaries
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationBuffer",
     "Circuit",
+    "InterventionResult",
+    "Model",
+    "Node",
+    "PatchingCurve",
+    "SiteMap",
+    "TrainSpec",
+    "ablate",
+    "compare_bases",
+    "patch",
+    "patching_curve",
+    "pin",
+    "train_dictionaries",
     "faithfulness",
     "faithfulness_curve",
     "feature_circuit",

@@ -21,39 +21,29 @@ import nnsight
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_circuits.batches import TokenBatch, scored_positions, split_batch, trace_inputs
 from sae_circuits.errors import UserInputError
 from sae_circuits.progress import progress_bar
+from sae_circuits.protocols import Model
 from sae_circuits.sites import Site, read_site
 
 Batch = dict[str, torch.Tensor]
-TokenBatch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def harvest(
-    model: Any, sites: list[Site], ids: torch.Tensor, mask: torch.Tensor, keep_bos: bool = False
+    model: Model, sites: list[Site], ids: torch.Tensor, mask: torch.Tensor, keep_bos: bool = False
 ) -> Batch:
-    """Activations `{site: (n_positions, d)}` of one batch of contexts, real positions only.
+    """Activations `{site label: (n_positions, d)}` of one batch of contexts (`sites` in forward
+    order), real positions only.
 
     One trace reads every site in forward order and stops the forward after the last one.
     """
-    with torch.no_grad(), model.trace({"input_ids": ids, "attention_mask": mask.long()}) as tracer:
+    mask = mask.bool()
+    with torch.no_grad(), model.trace(trace_inputs(ids, mask)) as tracer:
         values = nnsight.save([read_site(model, site) for site in sites])
         tracer.stop()
-    keep = _positions_to_keep(mask.bool(), keep_bos)
+    keep = scored_positions(mask, skip_first=not keep_bos)
     return {str(site): value[keep].float() for site, value in zip(sites, values, strict=True)}
-
-
-def _positions_to_keep(mask: torch.Tensor, keep_bos: bool) -> torch.Tensor:
-    if keep_bos:
-        return mask
-    first_real = mask & (mask.long().cumsum(-1) == 1)
-    return mask & ~first_real
-
-
-def _split(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, tuple):
-        return batch
-    return batch, torch.ones_like(batch)
 
 
 class ActivationBuffer:
@@ -68,7 +58,7 @@ class ActivationBuffer:
 
     def __init__(
         self,
-        model: Any,
+        model: Model,
         sites: list[str | Site],
         contexts: Iterable[TokenBatch],
         n_ctxs: int = 512,
@@ -80,7 +70,7 @@ class ActivationBuffer:
         if not sites:
             raise UserInputError("the buffer needs at least one site")
         self.model = model
-        self.sites = sorted((Site.parse(s) for s in sites), key=lambda s: s.order)
+        self.sites = sorted(Site.parse(s) for s in sites)
         self.contexts = iter(contexts)
         self.capacity = n_ctxs * ctx_len
         self.batch_size = batch_size
@@ -101,7 +91,7 @@ class ActivationBuffer:
 
     def refill(self) -> None:
         """Harvest new contexts until the buffer is full or the contexts run out."""
-        chunks = {str(s): [self.store[str(s)]] if self.store else [] for s in self.sites}
+        chunks = {key: [value] for key, value in self.store.items()}
         count = self.available
         while count < self.capacity:
             batch = next(self.contexts, None)
@@ -109,11 +99,11 @@ class ActivationBuffer:
                 self.exhausted = True
                 break
             self.consumed += 1
-            ids, mask = _split(batch)
-            for site, value in harvest(self.model, self.sites, ids, mask, self.keep_bos).items():
-                chunks[site].append(value)
-            count += chunks[str(self.sites[0])][-1].shape[0]
-        store = {site: torch.cat(parts) for site, parts in chunks.items() if parts}
+            harvested = harvest(self.model, self.sites, *split_batch(batch), self.keep_bos)
+            for key, value in harvested.items():
+                chunks.setdefault(key, []).append(value)
+            count += next(iter(harvested.values())).shape[0]
+        store = {key: torch.cat(parts) for key, parts in chunks.items()}
         order = torch.randperm(count, generator=self.generator)
         self.store = {site: value[order] for site, value in store.items()}
 
@@ -154,7 +144,7 @@ SHARD_INDEX = "shards.json"
 
 
 def write_shards(
-    model: Any,
+    model: Model,
     sites: list[str | Site],
     contexts: Iterable[TokenBatch],
     directory: str | Path,
@@ -164,18 +154,19 @@ def write_shards(
     progress: bool = True,
 ) -> Path:
     """Harvest `tokens` activations per site into safetensors shards of `shard_size` rows."""
+    if not sites:
+        raise UserInputError("write_shards needs at least one site")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    parsed = sorted((Site.parse(s) for s in sites), key=lambda s: s.order)
+    parsed = sorted(Site.parse(s) for s in sites)
     pending: dict[str, list[torch.Tensor]] = {str(s): [] for s in parsed}
     shards: list[str] = []
     written = 0
     with progress_bar("harvesting", tokens, enabled=progress) as bar:
         for batch in contexts:
-            ids, mask = _split(batch)
-            for site, value in harvest(model, parsed, ids, mask, keep_bos).items():
-                pending[site].append(value)
-            rows = sum(v.shape[0] for v in pending[str(parsed[0])])
+            for key, value in harvest(model, parsed, *split_batch(batch), keep_bos).items():
+                pending[key].append(value)
+            rows = sum(v.shape[0] for v in next(iter(pending.values())))
             while rows >= shard_size or (rows and written + rows >= tokens):
                 take = min(shard_size, rows, tokens - written)
                 shards.append(_write_shard(directory, len(shards), pending, take))
@@ -186,7 +177,7 @@ def write_shards(
                     break
             if written >= tokens:
                 break
-    index = {"sites": [str(s) for s in parsed], "shards": shards, "rows": written}
+    index = {"sites": list(pending), "shards": shards, "rows": written}
     (directory / SHARD_INDEX).write_text(json.dumps(index, indent=2))
     return directory
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -25,46 +25,114 @@ from torch import nn
 
 from sae_circuits.errors import UserInputError
 from sae_circuits.resources import asset_dir
+from sae_circuits.sites import Site, SiteMap
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 
 
-@dataclass
+@dataclass(init=False)
 class DictionaryConfig:
-    """What a dictionary is and where it came from; saved as `config.json`."""
+    """What a dictionary is and where it came from; saved as `config.json`.
+
+    `in_site` is the site a dictionary reads and `out_site` the site it reconstructs (they differ
+    for transcoders); `DictionaryConfig(..., site=s)` sets both. Sites are parsed once here and
+    written as text.
+    """
 
     kind: str
     d_in: int
     d_dict: int
-    site: str | None = None
-    model: str | None = None
-    d_out: int | None = None  # transcoders reconstruct another site, possibly of another width
-    out_site: str | None = None
-    k: int | None = None  # top-k dictionaries
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
+    in_site: Site | None
+    out_site: Site | None
+    model: str | None
+    d_out: int | None  # width of `out_site` when it differs from `d_in`
+    k: int | None  # top-k dictionaries
+    hyperparameters: dict[str, Any]
+    metrics: dict[str, Any]
+
+    def __init__(
+        self,
+        kind: str,
+        d_in: int,
+        d_dict: int,
+        *,
+        site: str | Site | None = None,
+        in_site: str | Site | None = None,
+        out_site: str | Site | None = None,
+        model: str | None = None,
+        d_out: int | None = None,
+        k: int | None = None,
+        hyperparameters: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> None:
+        if site is not None:
+            if in_site is not None or out_site is not None:
+                raise UserInputError("give a dictionary either site or in_site/out_site")
+            in_site = out_site = site
+        self.kind, self.d_in, self.d_dict = kind, d_in, d_dict
+        self.in_site, self.out_site = _parse_site(in_site), _parse_site(out_site)
+        self.model, self.d_out, self.k = model, d_out, k
+        self.hyperparameters = {} if hyperparameters is None else hyperparameters
+        self.metrics = {} if metrics is None else metrics
+
+    @property
+    def site(self) -> Site | None:
+        """The site the dictionary is spliced at: the one it reconstructs."""
+        return self.out_site
 
     @property
     def output_dim(self) -> int:
         return self.d_out if self.d_out is not None else self.d_in
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data.update(in_site=_site_text(self.in_site), out_site=_site_text(self.out_site))
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DictionaryConfig:
-        known = {name for name in cls.__dataclass_fields__}
+        """Read `to_dict`'s form, or the older one (`site`, the site read; `out_site` if another)."""
         missing = {"kind", "d_in", "d_dict"} - set(data)
         if missing:
             raise UserInputError(f"dictionary config lacks {', '.join(sorted(missing))}")
+        data = dict(data)
+        if "in_site" not in data and "site" in data:
+            data["in_site"] = data["site"]
+            data["out_site"] = data.get("out_site") or data["site"]
+        known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})
 
 
+def _parse_site(site: str | Site | None) -> Site | None:
+    return None if site is None else Site.parse(site)
+
+
+def _site_text(site: Site | None) -> str | None:
+    return None if site is None else str(site)
+
+
+class LatentSlot(NamedTuple):
+    """A parameter that holds one slice per latent along `axis`, and what resampling writes there."""
+
+    parameter: nn.Parameter
+    axis: int
+    value: torch.Tensor | float  # one slice per re-initialised latent, or one number for all
+
+
 class Dictionary(nn.Module):
-    """Base class: subclasses set `kind`, create their parameters and implement encode/decode."""
+    """Base class: subclasses set `kind`, create their parameters and implement encode/decode.
+
+    A kind also owns what training does differently by kind: the class attributes below, the
+    decoder constraint (`project_decoder_gradient`, `normalize_decoder`), the slots resampling
+    rewrites (`resample_slots`), the folding of an activation scale (`fold_activation_scale`) and
+    the report recipe's `orthogonal_init`.
+    """
 
     kind: ClassVar[str] = ""
+    trainable: ClassVar[bool] = False  # `train_dictionaries` trains it on one activation stream
+    top_k: ClassVar[bool] = False  # sparse by keeping the `config.k` largest features, no penalty
+    decoder_bias: ClassVar[str | None] = None  # the parameter added to every reconstruction
     registry: ClassVar[dict[str, type[Dictionary]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -100,7 +168,39 @@ class Dictionary(nn.Module):
         return self.decode(f), f
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, d_in={self.d_in}, d_dict={self.d_dict}, site={self.config.site}"
+        config = self.config
+        sites = (
+            f"site={config.site}"
+            if config.in_site == config.out_site
+            else f"in_site={config.in_site}, out_site={config.out_site}"
+        )
+        return f"kind={self.kind}, d_in={self.d_in}, d_dict={self.d_dict}, {sites}"
+
+    # -------------------------------------------------------------------------------- training
+    def project_decoder_gradient(self) -> None:
+        """Before an optimizer step: keep a constrained decoder on its constraint (here: none)."""
+
+    def normalize_decoder(self) -> None:
+        """After an optimizer step: restore the decoder constraint (here: none)."""
+
+    def resample_slots(
+        self, directions: torch.Tensor, alive: torch.Tensor, match_live: bool
+    ) -> list[LatentSlot]:
+        """What re-initialising latents writes: one slot per parameter with a slice per latent.
+
+        `directions` (n, d) are the unit directions of the n re-initialised latents, `alive` (a
+        bool mask over latents) marks those that are kept. With `match_live`, encoder norms and
+        biases are like the live latents'; otherwise they take the kind's initial values.
+        """
+        raise NotImplementedError(f"{self.kind} dictionaries have no latents to resample")
+
+    def fold_activation_scale(self, scale: float) -> None:
+        """Make a dictionary trained on `scale · x` work on raw `x` (its features become f/scale)."""
+        raise NotImplementedError(f"{self.kind} dictionaries cannot fold an activation scale")
+
+    def orthogonal_init(self) -> None:
+        """The report recipe's initialisation."""
+        raise NotImplementedError(f"{self.kind} dictionaries have no orthogonal initialisation")
 
     # ----------------------------------------------------------------------------- persistence
     def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -150,6 +250,7 @@ class TiedDictionary(Dictionary):
     """Cunningham et al.: `x_hat = Wᵀ ReLU(W x + b)`; one weight matrix, encoder bias only."""
 
     kind = "tied"
+    trainable = True
 
     def __init__(self, config: DictionaryConfig) -> None:
         super().__init__(config)
@@ -166,11 +267,29 @@ class TiedDictionary(Dictionary):
     def decoder_directions(self) -> torch.Tensor:
         return self.W
 
+    @torch.no_grad()
+    def resample_slots(
+        self, directions: torch.Tensor, alive: torch.Tensor, match_live: bool
+    ) -> list[LatentSlot]:
+        """The one matrix gets unit `directions` and the bias 0, or with `match_live` rows of the
+        median live norm and the median live bias."""
+        if match_live and alive.any():
+            norm, bias = self.W[alive].norm(dim=1).median(), float(self.b[alive].median())
+            return [LatentSlot(self.W, 0, norm * directions), LatentSlot(self.b, 0, bias)]
+        return [LatentSlot(self.W, 0, directions), LatentSlot(self.b, 0, 0.0)]
+
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float) -> None:
+        """Divides the bias by `scale`."""
+        self.b.div_(scale)
+
 
 class UntiedDictionary(Dictionary):
     """Anthropic: `f = ReLU(W_e (x − b_d) + b_e)`, `x_hat = W_d f + b_d`, unit-norm decoder rows."""
 
     kind = "untied"
+    trainable = True
+    decoder_bias = "b_dec"
 
     def __init__(self, config: DictionaryConfig) -> None:
         super().__init__(config)
@@ -197,15 +316,54 @@ class UntiedDictionary(Dictionary):
         return self.W_dec
 
     @torch.no_grad()
+    def project_decoder_gradient(self) -> None:
+        """Drop each decoder row's gradient component along the row (steps keep unit rows)."""
+        grad = self.W_dec.grad
+        grad.sub_((grad * self.W_dec).sum(1, keepdim=True) * self.W_dec)
+
+    @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale decoder rows to unit norm (the constraint the trainer maintains)."""
         self.W_dec.copy_(_unit_rows(self.W_dec))
+
+    @torch.no_grad()
+    def resample_slots(
+        self, directions: torch.Tensor, alive: torch.Tensor, match_live: bool
+    ) -> list[LatentSlot]:
+        """Decoder rows `directions`; encoder columns along them with 0.2 × the mean live norm
+        and bias 0 (Anthropic 2023), or with `match_live` the median live norm and bias."""
+        if match_live and alive.any():
+            enc, bias = self.W_enc[:, alive].norm(dim=0).median(), float(self.b_enc[alive].median())
+        else:
+            enc = self.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+            enc, bias = 0.2 * enc, 0.0
+        return [
+            LatentSlot(self.W_dec, 0, directions),
+            LatentSlot(self.W_enc, 1, enc * directions.T),
+            LatentSlot(self.b_enc, 0, bias),
+        ]
+
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float) -> None:
+        """Divides the encoder and decoder biases by `scale`."""
+        for bias in (self.b_enc, self.b_dec):
+            bias.div_(scale)
+
+    @torch.no_grad()
+    def orthogonal_init(self) -> None:
+        """Orthogonal decoder (unit rows), encoder its transpose, zero biases."""
+        nn.init.orthogonal_(self.W_dec)
+        self.normalize_decoder()
+        self.W_enc.copy_(self.W_dec.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
 
 
 class TopKDictionary(UntiedDictionary):
     """Untied dictionary that keeps the `k` largest pre-activations of each input."""
 
     kind = "topk"
+    top_k = True
 
     def __init__(self, config: DictionaryConfig) -> None:
         if not config.k or config.k < 1:
@@ -219,22 +377,31 @@ class TopKDictionary(UntiedDictionary):
 
 
 class Transcoder(UntiedDictionary):
-    """Reads one site (`config.site`, e.g. the MLP input) and reconstructs another (`out_site`).
+    """Reads one site (`in_site`, e.g. the MLP input) and reconstructs another (`out_site`).
 
     Unlike the other kinds, the pre-decoder bias is not subtracted from the input, since input and
-    output live in different spaces.
+    output live in different spaces. Not trainable here: the trainer feeds one activation stream.
     """
 
     kind = "transcoder"
+    trainable = False
 
     def __init__(self, config: DictionaryConfig) -> None:
-        if config.out_site is None:
-            raise UserInputError("a transcoder needs out_site (the site it reconstructs)")
+        if config.in_site is None or config.out_site is None:
+            raise UserInputError(
+                "a transcoder needs in_site and out_site (the sites it reads and reconstructs)"
+            )
         super().__init__(config)
         self.b_in = nn.Parameter(torch.zeros(config.d_in))
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.b_in) @ self.W_enc + self.b_enc
+
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float) -> None:
+        """Divides every bias by `scale` (input and output both scaled by it)."""
+        super().fold_activation_scale(scale)
+        self.b_in.div_(scale)
 
 
 # ----------------------------------------------------------------------------- baseline bases
@@ -263,12 +430,12 @@ class LinearBasis(Dictionary):
         return self.components
 
     @classmethod
-    def neurons(cls, d_in: int, site: str | None = None) -> LinearBasis:
+    def neurons(cls, d_in: int, site: str | Site | None = None) -> LinearBasis:
         """The standard basis: feature i is coordinate i of the activation."""
         return cls(_basis_config("neurons", d_in, site))
 
     @classmethod
-    def pca(cls, activations: torch.Tensor, site: str | None = None) -> LinearBasis:
+    def pca(cls, activations: torch.Tensor, site: str | Site | None = None) -> LinearBasis:
         """Principal directions of `activations` (n, d), in order of decreasing variance."""
         activations = activations.reshape(-1, activations.shape[-1]).float()
         if activations.shape[0] < 2:
@@ -281,7 +448,7 @@ class LinearBasis(Dictionary):
         return basis
 
     @classmethod
-    def random(cls, d_in: int, seed: int = 0, site: str | None = None) -> LinearBasis:
+    def random(cls, d_in: int, seed: int = 0, site: str | Site | None = None) -> LinearBasis:
         """A random orthonormal basis (a fixed rotation drawn from `seed`)."""
         generator = torch.Generator().manual_seed(seed)
         q, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=generator))
@@ -290,7 +457,7 @@ class LinearBasis(Dictionary):
         return basis
 
 
-def _basis_config(name: str, d_in: int, site: str | None) -> DictionaryConfig:
+def _basis_config(name: str, d_in: int, site: str | Site | None) -> DictionaryConfig:
     return DictionaryConfig(
         kind=LinearBasis.kind, d_in=d_in, d_dict=d_in, site=site, hyperparameters={"basis": name}
     )
@@ -304,26 +471,30 @@ def shipped_sets(model: str | None = None) -> list[str]:
 
 
 def load_dictionaries(
-    set: str, sites: list[str] | None = None, model: str | None = None, device: str = "cpu"
-) -> dict[str, Dictionary]:
+    set: str,
+    sites: list[str | Site] | None = None,
+    model: str | None = None,
+    device: str = "cpu",
+) -> SiteMap:
     """Load a shipped set (`dictionaries/<model>/<set>/<site>/`), by site; all sites by default."""
     folder = _shipped_model_dir(model) / set
     if not folder.is_dir():
         available = ", ".join(shipped_sets(model)) or "none"
         raise UserInputError(f"no dictionary set {set!r}; shipped sets: {available}")
-    present = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
-    wanted = present if sites is None else [str(site) for site in sites]
-    missing = [site for site in wanted if site not in present]
+    present = SiteMap((p.name, p) for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
+    wanted = list(present) if sites is None else [Site.parse(site) for site in sites]
+    missing = [str(site) for site in wanted if site not in present]
     if missing:
         raise UserInputError(
-            f"set {set!r} has no dictionary at {', '.join(missing)}; it has: {', '.join(present)}"
+            f"set {set!r} has no dictionary at {', '.join(missing)}; "
+            f"it has: {', '.join(present.text_keys())}"
         )
-    return {site: Dictionary.load(folder / site, device=device) for site in wanted}
+    return SiteMap((site, Dictionary.load(present[site], device=device)) for site in wanted)
 
 
 def _shipped_model_dir(model: str | None) -> Path:
     if model is None:
-        from sae_circuits.embedded import EMBEDDED_MODEL_NAME
+        from sae_circuits.models import EMBEDDED_MODEL_NAME
 
         model = EMBEDDED_MODEL_NAME
     return asset_dir("dictionaries") / model
@@ -465,6 +636,7 @@ def _load_saelens(directory: Path) -> Dictionary:
 __all__ = [
     "Dictionary",
     "DictionaryConfig",
+    "LatentSlot",
     "LinearBasis",
     "TiedDictionary",
     "TopKDictionary",

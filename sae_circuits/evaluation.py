@@ -3,8 +3,8 @@
 Per batch, one trace runs the clean model (reading every site's features and error); then per site
 one batched trace runs the model with the site's error set to zero (the activation replaced by its
 reconstruction) and the model with the site zero-ablated. Metrics, over non-pad positions (and, with
-`skip_first`, not the first position of a context, which is BOS and keeps its activation in every
-run):
+`skip_first`, not the first real position of each row, which is BOS and keeps its activation in
+every run):
 
 - `mse`: mean over positions and dimensions of (x − x̂)²;  `cosine`: mean cos(x, x̂);
 - `fve`: fraction of variance explained, 1 − Σ‖x − x̂‖² / Σ‖x − mean(x)‖²;
@@ -18,15 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from sae_circuits.batches import TokenBatch, scored_positions, split_batch, trace_inputs
 from sae_circuits.dictionary import Dictionary
 from sae_circuits.progress import progress_bar
-from sae_circuits.sites import Site
-from sae_circuits.splice import attached, spliced, temporarily_attached
+from sae_circuits.protocols import Model
+from sae_circuits.sites import Site, SiteMap
+from sae_circuits.splice import spliced, temporarily_attached
 
 METRIC_KEYS = ("mse", "l1", "l0", "frac_alive", "fve", "cosine", "loss_recovered", "kl", "ce_delta")
 
@@ -118,64 +119,58 @@ class _SiteTotals:
 
 
 def evaluate(
-    model: Any,
+    model: Model,
     dictionaries: Mapping[str | Site, Dictionary],
-    batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[TokenBatch],
     skip_first: bool = True,
     progress: bool = True,
     total_batches: int | None = None,
-) -> dict[str, dict[str, float]]:
-    """Metrics (see module docstring) for each dictionary, keyed by site.
+) -> SiteMap:
+    """Metrics (see module docstring) for each dictionary: a `SiteMap` of metric dicts.
 
     `batches` yields token ids `(batch, ctx)` or `(ids, attention_mask)` pairs. The dictionaries are
     attached for the evaluation and the model's previous splices restored afterwards.
     """
-    sites = sorted((Site.parse(s) for s in dictionaries), key=lambda s: s.order)
-    totals = {str(s): _SiteTotals(dictionaries[_key(dictionaries, s)].d_dict) for s in sites}
+    dictionaries = SiteMap(dictionaries)
+    totals = {site: _SiteTotals(dictionary.d_dict) for site, dictionary in dictionaries.items()}
     with (
         temporarily_attached(model, dictionaries),
         torch.no_grad(),
         progress_bar("evaluating", total_batches, enabled=progress) as bar,
     ):
         for batch in batches:
-            ids, mask = batch if isinstance(batch, tuple) else (batch, torch.ones_like(batch))
-            mask = mask.bool()
-            scored = mask.clone()
-            if skip_first:
-                scored[:, 0] = False
-            inputs = {"input_ids": ids, "attention_mask": mask.long()}
-            clean_logits, reads = _clean_run(model, sites, inputs)
+            ids, mask = split_batch(batch)
+            scored = scored_positions(mask, skip_first)
+            inputs = trace_inputs(ids, mask)
+            clean_logits, reads = _clean_run(model, list(dictionaries), inputs)
             clean = _CleanTokens(clean_logits, ids, mask)
-            for site in sites:
-                features, error = reads[str(site)]
+            for site, dictionary in dictionaries.items():
+                features, error = reads[site]
                 _evaluate_site(
-                    model, site, inputs, scored, features, error, clean, totals[str(site)]
+                    model, site, dictionary, inputs, scored, features, error, clean, totals[site]
                 )
             bar.advance(0)
-    return {name: site_totals.metrics() for name, site_totals in totals.items()}
-
-
-def _key(dictionaries: Mapping[str | Site, Dictionary], site: Site) -> str | Site:
-    return next(key for key in dictionaries if Site.parse(key) == site)
+    return SiteMap({site: site_totals.metrics() for site, site_totals in totals.items()})
 
 
 def _clean_run(
-    model: Any, sites: list[Site], inputs: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    model: Model, sites: list[Site], inputs: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[Site, tuple[torch.Tensor, torch.Tensor]]]:
     """The clean logits and every site's `(features, error)`, read in one forward pass (the sites
     in forward order)."""
     reads = {}
     with model.trace(**inputs):
         for site in sites:
             hook = spliced(model, site)
-            reads[str(site)] = (hook.features.output.save(), hook.error.output.save())
+            reads[site] = (hook.features.output.save(), hook.error.output.save())
         logits = model.output.logits.save()
     return logits, reads
 
 
 def _evaluate_site(
-    model: Any,
+    model: Model,
     site: Site,
+    dictionary: Dictionary,
     inputs: dict[str, torch.Tensor],
     scored: torch.Tensor,
     features: torch.Tensor,
@@ -186,7 +181,6 @@ def _evaluate_site(
     """Accumulate one site's metrics on a batch: reconstruction from the clean run's reads, and one
     batched trace with the site's activation replaced by its reconstruction and zero-ablated."""
     hook = spliced(model, site)
-    dictionary = attached(model)[str(site)]
     keep = (~scored).unsqueeze(-1)  # positions whose activation every run leaves untouched
     with model.trace() as tracer:
         with tracer.invoke(**inputs):

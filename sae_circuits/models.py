@@ -10,14 +10,21 @@ from nnsight.modeling.transformers import TransformersModel
 from transformers.utils import logging as hf_logging
 
 from sae_circuits.errors import UserInputError
+from sae_circuits.protocols import Model
 from sae_circuits.resources import asset_dir
+
+EMBEDDED_MODEL_NAME = "neox-ioi-4l"
 
 
 def embedded_model_path() -> Path:
     """The folder of the small GPT-NeoX model shipped with the package."""
-    from sae_circuits.embedded import EMBEDDED_MODEL_NAME
-
     return asset_dir("models") / EMBEDDED_MODEL_NAME
+
+
+def is_embedded(model: Model) -> bool:
+    """Whether `model` was loaded from the shipped embedded model's folder."""
+    name = getattr(model.config, "_name_or_path", "")
+    return bool(name) and Path(name).resolve() == embedded_model_path().resolve()
 
 
 def load_model(
@@ -61,7 +68,7 @@ def load_model(
     return model
 
 
-def model_name(model: TransformersModel) -> str:
+def model_name(model: Model) -> str:
     """A short name for configs and reports: the folder name or the hub id."""
     name = getattr(model.config, "_name_or_path", "") or "model"
     return Path(name).name if Path(name).exists() else name

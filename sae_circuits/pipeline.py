@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,22 +15,12 @@ from sae_circuits.buffer import ActivationBuffer
 from sae_circuits.dictionary import Dictionary
 from sae_circuits.evaluation import evaluate
 from sae_circuits.models import model_name
+from sae_circuits.protocols import Model
 from sae_circuits.sites import Site
-from sae_circuits.text import default_documents, read_documents, token_batches
+from sae_circuits.text import token_batches
 from sae_circuits.training import TrainSpec, train_dictionaries
 
 CHECKPOINT_DIR = ".checkpoint"
-
-
-def training_documents(model_is_embedded: bool, text: str | None, seed: int) -> Iterator[str]:
-    """Documents to train on: a file, the embedded model's own corpus, or the built-in sample."""
-    if text:
-        return read_documents(text)
-    if model_is_embedded:
-        from sae_circuits.embedded.corpus import iter_corpus
-
-        return iter_corpus("train", seed=seed)
-    return default_documents(False)
 
 
 def checkpoint_dir(out: Path, specs: list[TrainSpec], run: dict[str, Any] | None = None) -> Path:
@@ -40,7 +30,7 @@ def checkpoint_dir(out: Path, specs: list[TrainSpec], run: dict[str, Any] | None
     return out / CHECKPOINT_DIR / hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def model_fingerprint(model: Any) -> str:
+def model_fingerprint(model: Model) -> str:
     """Name plus a hash of a strided sample of every parameter: changes when the weights do."""
     digest = hashlib.sha1(model_name(model).encode())
     with torch.no_grad():
@@ -56,7 +46,7 @@ def output_folder(out: Path, spec: TrainSpec, grid: bool) -> Path:
 
 
 def train_and_evaluate(
-    model: Any,
+    model: Model,
     specs: list[TrainSpec],
     tokens: int,
     out: Path,
@@ -74,7 +64,7 @@ def train_and_evaluate(
 
     `storage_dtype` (e.g. torch.float16) shrinks the saved weights; loading restores float32.
     """
-    sites = sorted({spec.key for spec in specs}, key=lambda s: Site.parse(s).order)
+    sites = sorted({Site.parse(spec.key) for spec in specs})
     contexts = token_batches(model.tokenizer, documents, ctx_len, batch_size=max(n_ctxs // 8, 1))
     buffer = ActivationBuffer(model, sites, contexts, n_ctxs, ctx_len, batch_size, seed=seed)
     steps = math.ceil(tokens / batch_size)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sae_circuits.errors import UserInputError
+from sae_circuits.protocols import Model
 
 SITE_KINDS = ("embed", "resid", "attn", "mlp", "mlp_in", "mlp_hidden", "module")
 # Position of each kind within a layer in forward order (embed comes before layer 0).
@@ -207,7 +208,7 @@ class SiteMap(dict):
         return {str(site): value for site, value in self.items()}
 
 
-def valid_sites(model: Any) -> list[str]:
+def valid_sites(model: Model) -> list[str]:
     """All standard sites of `model` in forward order."""
     kinds = ("attn", "mlp_in", "mlp_hidden", "mlp", "resid")
     return ["embed"] + [f"{k}.{layer}" for layer in range(num_layers(model)) for k in kinds]
@@ -225,7 +226,7 @@ def torch_module(model: Any) -> Any:
     return getattr(model, "_module", model)
 
 
-def envoy_at(model: Any, path: str) -> Any:
+def envoy_at(model: Model, path: str) -> Any:
     """The nnsight envoy of the module at a dotted `path` (numbers index module lists)."""
     envoy = model
     for part in path.split("."):
@@ -233,20 +234,20 @@ def envoy_at(model: Any, path: str) -> Any:
     return envoy
 
 
-def site_envoy(model: Any, site: str | Site) -> tuple[Any, str]:
+def site_envoy(model: Model, site: str | Site) -> tuple[Any, str]:
     """(envoy of the module holding the site's value, "output" or "input")."""
     path, io = Site.parse(site).resolve(model)
     return envoy_at(model, path), io
 
 
-def read_site(model: Any, site: str | Site) -> Any:
+def read_site(model: Model, site: str | Site) -> Any:
     """Inside a trace: the site's activation (first element of a tuple output)."""
     envoy, io = site_envoy(model, site)
     value = getattr(envoy, io)
     return value[0] if isinstance(value, tuple) else value
 
 
-def write_site(model: Any, site: str | Site, value: Any) -> None:
+def write_site(model: Model, site: str | Site, value: Any) -> None:
     """Inside a trace: replace the site's activation, keeping the rest of a tuple output."""
     envoy, io = site_envoy(model, site)
     current = getattr(envoy, io)

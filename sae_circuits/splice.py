@@ -18,31 +18,50 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import nnsight
 import torch
 from torch import nn
 
-from sae_circuits.dictionary import Dictionary, Transcoder
+from sae_circuits.dictionary import Dictionary, DictionaryConfig
 from sae_circuits.errors import UserInputError
-from sae_circuits.sites import Site, read_site, site_envoy, torch_module, write_site
+from sae_circuits.protocols import Model
+from sae_circuits.sites import Site, SiteMap, envoy_at, read_site, torch_module, write_site
 
 _REGISTRY = "_sae_circuits_splices"
 
 
-class SplicedDictionary(nn.Module):
-    """A dictionary with identity hook points `features` and `error`, as spliced into a model."""
+@dataclass(frozen=True)
+class Location:
+    """Where a site's value lives in a model, and the attribute a spliced dictionary takes there."""
 
-    def __init__(self, dictionary: Dictionary, site: Site) -> None:
+    path: str  # the module whose output (or input) is the value
+    io: str  # "output" or "input"
+
+    @property
+    def attribute(self) -> str:
+        return "sae" if self.io == "output" else "sae_input"
+
+
+class SplicedDictionary(nn.Module):
+    """A dictionary with identity hook points `features` and `error`, as spliced into a model.
+
+    It keeps the `site` it replaces, the site it `reads` (its config's `in_site` when that is
+    another site than the one it writes, as for a transcoder; else `site`) and the `location` of
+    `site` in the model.
+    """
+
+    def __init__(self, dictionary: Dictionary, site: Site, reads: Site, location: Location) -> None:
         super().__init__()
         self.dictionary = dictionary
-        self.site = site
+        self.site, self.reads, self.location = site, reads, location
         self.features = nn.Identity()
         self.error = nn.Identity()
 
     def forward(self, x: torch.Tensor, x_in: torch.Tensor | None = None) -> torch.Tensor:
-        """Reconstruct `x` (a transcoder reads `x_in` and reconstructs `x`)."""
+        """Reconstruct `x`, encoding `x_in` when the dictionary reads another site."""
         encoded = self.dictionary.encode(x if x_in is None else x_in)
         features = self.features(_editable(encoded))
         reconstruction = self.dictionary.decode(encoded)
@@ -50,6 +69,10 @@ class SplicedDictionary(nn.Module):
         if not torch.is_grad_enabled() and torch.equal(features, encoded):
             return reconstruction + error  # features untouched: skip the second decode
         return self.dictionary.decode(features) + error
+
+    def envoy(self, model: Model) -> Any:
+        """This module's envoy in `model`."""
+        return getattr(envoy_at(model, self.location.path), self.location.attribute)
 
 
 def _editable(value: torch.Tensor) -> torch.Tensor:
@@ -59,96 +82,102 @@ def _editable(value: torch.Tensor) -> torch.Tensor:
     return value.clone()
 
 
-def attach(model: Any, dictionaries: Mapping[str | Site, Dictionary]) -> Any:
+def attach(model: Model, dictionaries: Mapping[str | Site, Dictionary]) -> Model:
     """Splice `dictionaries` (keyed by the site each one replaces) into `model`; returns `model`.
 
-    A transcoder is keyed by the site it reconstructs and reads the site named in its config.
+    A dictionary whose config reads another site than it writes (a transcoder: `in_site`, e.g.
+    `mlp_in.1`, and `out_site`, `mlp.1`) is keyed by the site it writes and reads its `in_site`.
     Attaching at a site that already holds a dictionary replaces it. Note: the splice is an nnsight
     edit; `detach` and re-attaching call `model.clear_edits()`, which also drops edits of your own.
     """
+    splices = [
+        _splice(model, Site.parse(site), dictionary) for site, dictionary in dictionaries.items()
+    ]
+    _check_widths(model, splices)
     registry = _registry(model)
-    new = {Site.parse(site): dictionary for site, dictionary in dictionaries.items()}
-    _check_dimensions(model, new)
-    for site, dictionary in new.items():
-        spliced_module = SplicedDictionary(dictionary, site).to(_model_device(model))
-        host, attribute = _host(model, site)
-        if str(site) in registry:
-            _remove_submodule(host, attribute)
-        setattr(host, attribute, spliced_module)  # the envoy registers the module and mirrors it
-        registry[str(site)] = spliced_module
+    device = _model_device(model)
+    for spliced_module in splices:
+        spliced_module.to(device)
+        host = envoy_at(model, spliced_module.location.path)
+        if spliced_module.site in registry:
+            _remove_submodule(host, spliced_module.location.attribute)
+        setattr(host, spliced_module.location.attribute, spliced_module)  # the envoy mirrors it
+        registry[spliced_module.site] = spliced_module
     _install_edits(model)
     return model
 
 
-def detach(model: Any, sites: list[str | Site] | None = None) -> dict[str, Dictionary]:
-    """Remove the dictionaries at `sites` (default: all); returns what was removed."""
+def detach(model: Model, sites: list[str | Site] | None = None) -> SiteMap:
+    """Remove the dictionaries at `sites` (default: all); returns what was removed, by site."""
     registry = _registry(model)
-    names = list(registry) if sites is None else [str(Site.parse(site)) for site in sites]
-    removed = {}
-    for name in names:
-        if name not in registry:
-            raise UserInputError(f"no dictionary is attached at {name}; attached: {list(registry)}")
-        spliced_module = registry.pop(name)
-        _remove_submodule(*_host(model, spliced_module.site))
-        removed[name] = spliced_module.dictionary
+    chosen = list(registry) if sites is None else [Site.parse(site) for site in sites]
+    removed = SiteMap()
+    for site in chosen:
+        if site not in registry:
+            raise UserInputError(f"no dictionary is attached at {site}; attached: {_names(model)}")
+        spliced_module = registry.pop(site)
+        location = spliced_module.location
+        _remove_submodule(envoy_at(model, location.path), location.attribute)
+        removed[site] = spliced_module.dictionary
     _install_edits(model)
     return removed
 
 
 @contextmanager
 def temporarily_attached(
-    model: Any, dictionaries: Mapping[str | Site, Dictionary]
-) -> Iterator[Any]:
+    model: Model, dictionaries: Mapping[str | Site, Dictionary]
+) -> Iterator[Model]:
     """Attach `dictionaries` for the duration of a `with` block, then restore the previous splices."""
     previous = attached(model)
+    dictionaries = SiteMap(dictionaries)
     attach(model, dictionaries)
     try:
         yield model
     finally:
-        new_sites = {str(Site.parse(site)) for site in dictionaries}
-        detach(model, sorted(new_sites))
-        restore = {site: d for site, d in previous.items() if site in new_sites}
+        detach(model, list(dictionaries))
+        restore = {site: d for site, d in previous.items() if site in dictionaries}
         if restore:
             attach(model, restore)
 
 
-def attached(model: Any) -> dict[str, Dictionary]:
+def attached(model: Model) -> SiteMap:
     """The dictionaries spliced into `model`, by site, in forward order."""
-    registry = _registry(model)
-    return {name: registry[name].dictionary for name in _forward_order(registry)}
+    return SiteMap((site, entry.dictionary) for site, entry in _registry(model).items())
 
 
-def spliced(model: Any, site: str | Site) -> Any:
+def spliced(model: Model, site: str | Site) -> Any:
     """The envoy of the spliced dictionary at `site`: use `.features` and `.error` in a trace."""
     site = Site.parse(site)
-    if str(site) not in _registry(model):
-        raise UserInputError(
-            f"no dictionary is attached at {site}; attached: {list(attached(model))}"
-        )
-    envoy, io = site_envoy(model, site)
-    return getattr(envoy, _attribute(io))
+    entry = _registry(model).get(site)
+    if entry is None:
+        raise UserInputError(f"no dictionary is attached at {site}; attached: {_names(model)}")
+    return entry.envoy(model)
 
 
 # ------------------------------------------------------------------------------ internals
-def _registry(model: Any) -> dict[str, SplicedDictionary]:
+def _registry(model: Model) -> dict[Site, SplicedDictionary]:
     module = torch_module(model)
     if not hasattr(module, _REGISTRY):
         object.__setattr__(module, _REGISTRY, {})
     return getattr(module, _REGISTRY)
 
 
-def _forward_order(registry: Mapping[str, SplicedDictionary]) -> list[str]:
-    return sorted(registry, key=lambda name: registry[name].site.order)
+def _names(model: Model) -> str:
+    return ", ".join(str(site) for site in sorted(_registry(model))) or "none"
 
 
-def _attribute(io: str) -> str:
-    return "sae" if io == "output" else "sae_input"
+def _splice(model: Model, site: Site, dictionary: Dictionary) -> SplicedDictionary:
+    """`dictionary` wrapped for `site`, with the site resolved (which validates it) on `model`."""
+    reads = _reads(site, dictionary.config)
+    reads.resolve(model)
+    return SplicedDictionary(dictionary, site, reads, Location(*site.resolve(model)))
 
 
-def _host(model: Any, site: Site) -> tuple[Any, str]:
-    """(envoy of the module that holds the site, attribute name of the spliced dictionary)."""
-    envoy, io = site_envoy(model, site)
-    return envoy, _attribute(io)
+def _reads(site: Site, config: DictionaryConfig) -> Site:
+    """The site a dictionary spliced at `site` encodes."""
+    if config.in_site is not None and config.in_site != config.out_site:
+        return config.in_site
+    return site
 
 
 def _remove_submodule(host: Any, attribute: str) -> None:
@@ -158,64 +187,63 @@ def _remove_submodule(host: Any, attribute: str) -> None:
     host._drop_envoy(attribute)
 
 
-def _model_device(model: Any) -> torch.device:
+def _model_device(model: Model) -> torch.device:
     return next(torch_module(model).parameters()).device
 
 
-def _install_edits(model: Any) -> None:
+def _install_edits(model: Model) -> None:
     """Replace all edits by one that splices every registered dictionary, in forward order."""
     registry = _registry(model)
     model.clear_edits()
     if not registry:
         return
     with model.edit(inplace=True):
-        for name in _forward_order(registry):
-            spliced_module = registry[name]
-            site = spliced_module.site
-            dictionary = spliced_module.dictionary
-            x_in = (
-                read_site(model, dictionary.config.site)
-                if isinstance(dictionary, Transcoder)
-                else None
-            )
+        for site in sorted(registry):
+            spliced_module = registry[site]
+            reads = spliced_module.reads
+            x_in = read_site(model, reads) if reads != site else None
             x = read_site(model, site)
-            envoy, io = site_envoy(model, site)
-            hook = getattr(envoy, _attribute(io))
-            write_site(model, site, hook(x, x_in, hook=True))
+            write_site(model, site, spliced_module.envoy(model)(x, x_in, hook=True))
 
 
-def _check_dimensions(model: Any, new: Mapping[Site, Dictionary]) -> None:
-    """Run one token through the model and check each dictionary's sizes against its sites."""
-    needed: dict[str, Site] = {}
-    for site, dictionary in new.items():
-        site.resolve(model)
-        needed[str(site)] = site
-        if isinstance(dictionary, Transcoder):
-            source = Site.parse(dictionary.config.site)
-            if source.order >= site.order:
-                raise UserInputError(
-                    f"transcoder at {site} reads {source}, which does not come before it"
-                )
-            needed[str(source)] = source
+def _check_widths(model: Model, splices: list[SplicedDictionary]) -> None:
+    """Run one token through the model and check each dictionary's widths against its sites."""
+    for spliced_module in splices:
+        site, reads = spliced_module.site, spliced_module.reads
+        if reads != site and reads.order >= site.order:
+            raise UserInputError(
+                f"the dictionary at {site} reads {reads}, which does not come before it"
+            )
+    needed = sorted(
+        {s for spliced_module in splices for s in (spliced_module.reads, spliced_module.site)}
+    )
     token = model.tokenizer.bos_token_id or model.tokenizer.eos_token_id or 0
     with torch.no_grad(), model.trace(torch.tensor([[token]])):
         widths = {}
-        for name in sorted(needed, key=lambda n: needed[n].order):
-            widths[name] = read_site(model, needed[name]).shape[-1]
+        for site in needed:
+            widths[site] = read_site(model, site).shape[-1]
         widths = nnsight.save(widths)
-    for site, dictionary in new.items():
-        config = dictionary.config
-        reads = config.site if isinstance(dictionary, Transcoder) else str(site)
-        if config.d_in != widths[str(Site.parse(reads))]:
+    for spliced_module in splices:
+        config = spliced_module.dictionary.config
+        site, reads = spliced_module.site, spliced_module.reads
+        if config.d_in != widths[reads]:
             raise UserInputError(
                 f"dictionary for {site} expects width {config.d_in}, but {reads} has width "
-                f"{widths[str(Site.parse(reads))]} in this model"
+                f"{widths[reads]} in this model"
             )
-        if config.output_dim != widths[str(site)]:
+        if config.output_dim != widths[site]:
             raise UserInputError(
                 f"dictionary for {site} reconstructs width {config.output_dim}, the site has "
-                f"{widths[str(site)]}"
+                f"{widths[site]}"
             )
 
 
-__all__ = ["SplicedDictionary", "attach", "attached", "detach", "spliced", "temporarily_attached"]
+__all__ = [
+    "Location",
+    "SplicedDictionary",
+    "attach",
+    "attached",
+    "detach",
+    "spliced",
+    "temporarily_attached",
+]

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from sae_circuits.embedded.task_text import SPLITS, ioi_examples, sva_examples
 from sae_circuits.errors import UserInputError
+from sae_circuits.protocols import Model
+from sae_circuits.task_text import SPLITS, ioi_examples, sva_examples
 
 TASKS = ("ioi", "sva")
 CORRUPTIONS = {"ioi": ("abc", "swap"), "sva": ("number",)}
@@ -84,7 +85,7 @@ class Task:
     def from_pairs(
         cls,
         name: str,
-        model: Any,
+        model: Model,
         pairs: Sequence[dict[str, str]],
         split: str = "all",
     ) -> Task:
@@ -132,7 +133,7 @@ class Task:
         )
 
     @classmethod
-    def from_json(cls, path: str | Path, model: Any, split: str | None = None) -> Task:
+    def from_json(cls, path: str | Path, model: Model, split: str | None = None) -> Task:
         """A task from a JSON file of prompt pairs (format: `tasks/README.md`); `split` keeps only
         the pairs marked with that split."""
         path = Path(path)
@@ -164,7 +165,7 @@ class Task:
 
 def load_task(
     name: str,
-    model: Any,
+    model: Model,
     corruption: str | None = None,
     n: int = 100,
     seed: int = 0,

@@ -1,4 +1,5 @@
-"""Tiny random-initialised models of each supported architecture, saved as Hugging Face folders.
+"""Tiny random-initialised models of each supported architecture, saved as Hugging Face folders,
+and a plain torch hook at a site: the reference that parity tests compare nnsight traces with.
 
 Used by the test suite and the benchmarks; also handy for testing code built on this library without
 downloading anything.
@@ -6,6 +7,8 @@ downloading anything.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,6 +21,9 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+from sae_circuits.protocols import Model
+from sae_circuits.sites import Site, torch_module
 
 ARCHITECTURES = ("gpt_neox", "gpt2", "llama", "qwen2")
 
@@ -117,3 +123,30 @@ def save_random_model(
 def save_pythia_70m_shaped(folder: str | Path, seed: int = 0) -> Path:
     """A random GPT-NeoX with Pythia-70M's shape (6 layers, d=512, 8 heads, vocab 50304)."""
     return save_random_model(folder, "gpt_neox", 512, 6, 8, seed=seed, vocab_size=50304)
+
+
+@contextmanager
+def site_hook(
+    model: Model,
+    site: str | Site,
+    rewrite: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Plain torch, without nnsight: inside the block every forward of the underlying torch module
+    passes the activation at `site` (a module's output) through `rewrite`; the yielded dict holds
+    the last activation seen, before the rewrite, under `"x"`."""
+    path, io = Site.parse(site).resolve(model)
+    if io != "output":
+        raise ValueError(f"site_hook reads module outputs; {site} is the input of {path}")
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(module: torch.nn.Module, args: object, output: object) -> object:
+        x = output[0] if isinstance(output, tuple) else output
+        seen["x"] = x
+        new = x if rewrite is None else rewrite(x)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = torch_module(model).get_submodule(path).register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sae_circuits.corpus import iter_corpus, stdlib_documents
 from sae_circuits.errors import UserInputError
 
 
@@ -59,11 +60,17 @@ def _txt_documents(path: Path) -> Iterator[str]:
 def default_documents(model_is_embedded: bool) -> Iterator[str]:
     """Held-out text: the embedded model's held-out corpus, or for any other model a sample of
     English and code (docstrings, comments and functions of the Python standard library)."""
-    from sae_circuits.embedded.corpus import iter_corpus, stdlib_documents
-
     if model_is_embedded:
         return iter_corpus("heldout", seed=0)
     return itertools.cycle(stdlib_documents("heldout"))
+
+
+def training_documents(model_is_embedded: bool, seed: int = 0) -> Iterator[str]:
+    """Text to train dictionaries on: the embedded model's own training corpus (from `seed`), or
+    for any other model the sample of `default_documents`."""
+    if model_is_embedded:
+        return iter_corpus("train", seed=seed)
+    return default_documents(False)
 
 
 def token_batches(

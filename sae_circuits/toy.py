@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from sae_circuits.dictionary import Dictionary
 from sae_circuits.errors import UserInputError
+from sae_circuits.plotting import new_figure
 from sae_circuits.training import TrainSpec, train_dictionaries
 
 TOY_KEY = "toy"
@@ -29,20 +30,28 @@ METHODS = ("dead", "ssll", "mmcs_larger")
 DEFAULT_L1S = (0.01, 0.03, 0.1, 0.3, 1.0)
 DEFAULT_RATIOS = (0.5, 1.0, 2.0)
 DEFAULT_STEPS = 3500
-# The report used lr 1e-3, which needs far more steps than a CPU affords. From 1e-2 up, Adam's large
-# steps on rarely active latents keep the rarest features from settling (see docs/toy.md).
-DEFAULT_LR = 8.5e-3
-DEFAULT_DECAY_START = 0.8  # linear LR decay to 0 over the last 20% of the steps
-# Dead latents are re-initialised towards badly reconstructed inputs every this many steps; with
-# the defaults the last resampling is one dead window before the end, so dead counts stay honest.
-DEFAULT_RESAMPLE_EVERY = 500
-# At each resampling, latents that are wasted without being dead are re-initialised too: those whose
-# decoder direction has cosine >= 0.9 with a more active latent, and those that fired fewer than 5
-# times since the last resampling; all towards least-squares residuals of recent inputs. At J = G,
-# duplicated and near-silent latents otherwise leave the rarest features without a latent.
-DEFAULT_RESAMPLE_DUPLICATES = 0.9
-DEFAULT_RESAMPLE_MIN_FIRES = 5
-DEFAULT_RESAMPLE_TARGET = "residual"
+# The dictionaries of a sweep: one TrainSpec per cell, this template with the cell's size and L1.
+TOY_SPEC = TrainSpec(
+    TOY_KEY,
+    recipe="report",
+    # The report used lr 1e-3, which needs far more steps than a CPU affords. From 1e-2 up, Adam's
+    # large steps on rarely active latents keep the rarest features from settling (docs/toy.md).
+    lr=8.5e-3,
+    decay_start=0.8,  # linear LR decay to 0 over the last 20% of the steps
+    warmup_steps=0,
+    dead_window=500,
+    # Dead latents are re-initialised every this many steps; with the defaults the last resampling
+    # is one dead window before the end, so dead counts stay honest.
+    resample_every=500,
+    # At each resampling, latents that are wasted without being dead are re-initialised too: those
+    # whose decoder direction has cosine >= 0.9 with a more active latent, and those that fired
+    # fewer than 5 times since the last resampling; all towards least-squares residuals of recent
+    # inputs. At J = G, duplicated and near-silent latents otherwise leave the rarest features
+    # without a latent.
+    resample_duplicates=0.9,
+    resample_min_fires=5,
+    resample_target="residual",
+)
 
 
 # --------------------------------------------------------------------------------- generator
@@ -218,60 +227,45 @@ def sweep(
     ratios: list[float] | tuple[float, ...] = DEFAULT_RATIOS,
     steps: int = DEFAULT_STEPS,
     batch_size: int = 256,
-    dead_window: int = 500,
-    recipe: str = "report",
-    lr: float = DEFAULT_LR,
-    decay_start: float | None = DEFAULT_DECAY_START,
-    warmup_steps: int = 0,
-    resample_every: int | None = DEFAULT_RESAMPLE_EVERY,
-    resample_duplicates: float | None = DEFAULT_RESAMPLE_DUPLICATES,
-    resample_min_fires: int = DEFAULT_RESAMPLE_MIN_FIRES,
-    resample_target: str = DEFAULT_RESAMPLE_TARGET,
-    seed: int = 0,
+    template: TrainSpec = TOY_SPEC,
     eval_samples: int = 8192,
     progress: bool = True,
 ) -> SweepResult:
     """Train the grid L1 × (ratio · G) in one pass over one stream and score every dictionary.
 
-    Dead features are those never active in the last `min(dead_window, steps)` batches; dead
-    latents are resampled every `resample_every` steps (None: never), but not within that window
-    of the end; so are latents whose decoder direction has cosine >= `resample_duplicates` with a
-    more active latent (None: duplicates are kept) and latents that fired fewer than
-    `resample_min_fires` times since the last resampling (0: off), all towards `resample_target`
-    ("residual" or "input", see `TrainSpec`). The reconstruction and L1 losses behind SSLL are measured on `eval_samples`
-    held-out samples.
+    Every dictionary is `template` (its training settings and seed; default `TOY_SPEC`) with the
+    cell's size and L1. Dead features are those never active in the last
+    `min(template.dead_window, steps)` batches; resampling (`template.resample_every`, with its
+    duplicate and min-fires rules) never falls within that window of the end. The reconstruction
+    and L1 losses behind SSLL are measured on `eval_samples` held-out samples; the stream and the
+    held-out samples are seeded from `template.seed`.
     """
     l1s, ratios = sorted(set(l1s)), sorted(set(ratios))
     if not l1s or not ratios or min(l1s) < 0 or min(ratios) <= 0:
         raise UserInputError("a sweep needs L1 values >= 0 and ratios > 0")
-    window = min(dead_window, steps)
-    resample_every = _resampling_period(resample_every, steps, window)
+    window = min(template.dead_window, steps)
+    resample_every = _resampling_period(template.resample_every, steps, window)
     specs = [
-        TrainSpec(
-            TOY_KEY,
+        replace(
+            template,
+            key=TOY_KEY,
             d_dict=max(1, round(ratio * data.config.g)),
             l1=l1,
-            lr=lr,
-            decay_start=decay_start,
-            warmup_steps=warmup_steps,
             dead_window=window,
             resample_every=resample_every,
-            resample_duplicates=resample_duplicates if resample_every else None,
-            resample_min_fires=resample_min_fires if resample_every else 0,
-            resample_target=resample_target,
-            recipe=recipe,
-            seed=seed,
+            resample_duplicates=template.resample_duplicates if resample_every else None,
+            resample_min_fires=template.resample_min_fires if resample_every else 0,
         )
         for ratio in ratios
         for l1 in l1s
     ]
     start = time.perf_counter()
     trained = train_dictionaries(
-        data.stream(batch_size, seed=seed + 1), specs, steps, progress=progress
+        data.stream(batch_size, seed=template.seed + 1), specs, steps, progress=progress
     )
     shape = (len(ratios), len(l1s))
     grid = np.array(trained, dtype=object).reshape(shape)
-    x, _ = data.sample(eval_samples, torch.Generator().manual_seed(seed + 2))
+    x, _ = data.sample(eval_samples, torch.Generator().manual_seed(template.seed + 2))
     mmcs_grid, dead, reconstruction, l1_norm = (np.zeros(shape) for _ in range(4))
     with torch.no_grad():
         for index, dictionary in np.ndenumerate(grid):
@@ -310,8 +304,6 @@ def _resampling_period(resample_every: int | None, steps: int, window: int) -> i
     """
     if resample_every is None or resample_every >= steps:
         return None
-    if resample_every < 1:
-        raise UserInputError("resample_every must be >= 1")
     last = (steps - 1) // resample_every * resample_every
     if steps - last < window:
         raise UserInputError(
@@ -370,31 +362,15 @@ HEATMAPS = {
 }
 
 
-def require_matplotlib() -> Any:
-    """`matplotlib.pyplot` (non-interactive), or a UserInputError saying how to install it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserInputError(
-            "heatmaps need matplotlib: pip install 'sae-circuits[plots]' (or pip install matplotlib)"
-        ) from None
-    return plt
-
-
 def plot_heatmaps(result: SweepResult, out_dir: str | Path, prefix: str = "toy_") -> list[Path]:
     """One small PNG per metric (`<prefix><metric>.png`) over the ratio × L1 grid."""
-    plt = require_matplotlib()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, title in HEATMAPS.items():
         values = getattr(result, name)
-        fig, ax = plt.subplots(
-            figsize=(0.75 * len(result.l1s) + 1.8, 0.5 * len(result.ratios) + 1.3)
-        )
+        fig = new_figure((0.75 * len(result.l1s) + 1.8, 0.5 * len(result.ratios) + 1.3))
+        ax = fig.subplots()
         image = ax.imshow(values, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(result.l1s)), [f"{v:g}" for v in result.l1s])
         ax.set_yticks(range(len(result.ratios)), [f"{v:g}" for v in result.ratios])
@@ -409,7 +385,6 @@ def plot_heatmaps(result: SweepResult, out_dir: str | Path, prefix: str = "toy_"
         fig.tight_layout()
         path = out_dir / f"{prefix}{name}.png"
         fig.savefig(path, dpi=80)
-        plt.close(fig)
         paths.append(path)
     return paths
 
@@ -417,13 +392,13 @@ def plot_heatmaps(result: SweepResult, out_dir: str | Path, prefix: str = "toy_"
 __all__ = [
     "METHODS",
     "SweepResult",
+    "TOY_SPEC",
     "ToyConfig",
     "ToyData",
     "ToyStream",
     "max_cosine",
     "mmcs",
     "plot_heatmaps",
-    "require_matplotlib",
     "select",
     "ssll",
     "sweep",

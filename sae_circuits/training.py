@@ -6,13 +6,15 @@ names an entry trains on that tensor, so a grid of dictionaries (L1 values × si
 sites) shares one pass over the stream. A stream with `state_dict()` / `load_state_dict(state)` is
 checkpointed with the trainer, so a resumed run continues bit for bit like an uninterrupted one.
 
-Per step and dictionary: forward, loss (reconstruction + sparsity), backward, removal of the decoder
-gradient's component parallel to each decoder row, Adam step, decoder renormalisation. Dead
-features (no activation in the last `dead_window` steps) are resampled every `resample_every` steps
-towards inputs the dictionary reconstructs worst. Optionally, latents that are wasted without being
-dead are resampled too: duplicates of a more active latent (`resample_duplicates`) and latents that
-fired fewer than `resample_min_fires` times since the last resampling; `resample_target="residual"`
-re-initialises towards least-squares residuals of recent inputs instead of the inputs themselves.
+Per step and dictionary: forward, loss (reconstruction + sparsity), backward, Adam step, with the
+kind's decoder constraint around it (untied kinds: the decoder gradient's component along each row
+is removed before the step, the rows are renormalised after it). Dead features (no activation in
+the last `dead_window` steps) are resampled every `resample_every` steps towards inputs the
+dictionary reconstructs worst. Optionally, latents that are wasted without being dead are resampled
+too: duplicates of a more active latent (`resample_duplicates`) and latents that fired fewer than
+`resample_min_fires` times since the last resampling; `resample_target="residual"` re-initialises
+towards least-squares residuals of recent inputs instead of the inputs themselves (see
+`sae_circuits.resampling`). What differs by dictionary kind is a method of its class.
 """
 
 from __future__ import annotations
@@ -21,26 +23,26 @@ import math
 import os
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
-from dataclasses import MISSING, asdict, dataclass, fields
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from sae_circuits.dictionary import Dictionary, DictionaryConfig
 from sae_circuits.errors import UserInputError
 from sae_circuits.progress import new_progress
+from sae_circuits.resampling import RESAMPLE_TARGETS, Resampler
+from sae_circuits.sites import Site
 
 Batch = dict[str, torch.Tensor]
 
-KINDS = ("tied", "untied", "topk")
+KINDS = tuple(kind for kind, cls in Dictionary.registry.items() if cls.trainable)
+TOP_K_KINDS = tuple(kind for kind in KINDS if Dictionary.registry[kind].top_k)
+REPORT_KINDS = tuple(kind for kind in KINDS if Dictionary.registry[kind].decoder_bias)  # held at 0
 SPARSITIES = ("l1", "entropy", "topk")
 RECIPES = ("standard", "report")
-RESAMPLE_TARGETS = ("input", "residual")
-RESAMPLE_POOL = 2048  # inputs (rows) kept for resample_target="residual"
 CHECKPOINT_FILE = "checkpoint.pt"
 _EPS = 1e-9
 
@@ -57,44 +59,95 @@ class TrainSpec:
     for top-k dictionaries (`kind="topk"`, `sparsity="topk"`, which keep the `k` largest features).
     """
 
-    key: str
-    kind: str = "untied"  # tied | untied | topk
-    d_dict: int = 4096
-    l1: float = 1e-3
-    sparsity: str = "l1"  # l1 | entropy | topk (set automatically for kind="topk")
-    k: int | None = None
-    lr: float = 1e-3
-    warmup_steps: int = 1000
-    decay_start: float | None = (
-        None  # linear decay to 0 from this step; values < 1: fraction of steps
+    key: str = field(metadata={"help": "the entry of the stream's batches to train on"})
+    kind: str = field(default="untied", metadata={"help": "dictionary kind", "choices": KINDS})
+    d_dict: int = field(default=4096, metadata={"help": "dictionary size: number of features"})
+    l1: float = field(default=1e-3, metadata={"help": "sparsity coefficient"})
+    sparsity: str = field(
+        default="l1",
+        metadata={
+            "help": "sparsity penalty: L1 norm or entropy of the features (kind topk: topk)",
+            "choices": SPARSITIES,
+        },
     )
-    resample_every: int | None = None
-    dead_window: int = 1000  # a feature is dead if it did not fire in this many steps
-    # at each resampling, also re-initialise every latent whose unit decoder direction has cosine
-    # >= this with a latent that fired more since the last resampling (ties: the lower index)
-    resample_duplicates: float | None = None
-    # ... and every latent that fired fewer than this many times since the last resampling
-    resample_min_fires: int = 0
+    k: int | None = field(
+        default=None, metadata={"help": "active features per input of a topk dictionary"}
+    )
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    warmup_steps: int = field(default=1000, metadata={"help": "steps of linear LR warm-up"})
+    decay_start: float | None = field(
+        default=None,
+        metadata={"help": "linear LR decay to 0 from this step (< 1: a fraction of the steps)"},
+    )
+    resample_every: int | None = field(
+        default=None, metadata={"help": "re-initialise dead latents every N steps", "metavar": "N"}
+    )
+    dead_window: int = field(
+        default=1000, metadata={"help": "a latent is dead if it did not fire in this many steps"}
+    )
+    # ties between duplicates: the lower index is kept
+    resample_duplicates: float | None = field(
+        default=None,
+        metadata={
+            "help": "at each resampling, also re-initialise latents whose decoder direction has "
+            "cosine >= COS with a latent that fired more since the previous one",
+            "metavar": "COS",
+        },
+    )
+    resample_min_fires: int = field(
+        default=0,
+        metadata={
+            "help": "at each resampling, also re-initialise latents that fired fewer than N times "
+            "since the previous one; 0: off",
+            "metavar": "N",
+        },
+    )
     # "input": unit inputs drawn ∝ squared reconstruction error from the current batch, encoder
     # 0.2 × the mean live norm, bias 0, Adam moments 0 (Anthropic 2023); "residual": the largest
     # least-squares residuals of the last RESAMPLE_POOL inputs, encoder at the median live norm and
-    # bias, Adam second moments at the live mean (see `_Member.resample`)
-    resample_target: str = "input"
-    noise_std: float = 0.0  # denoising: Gaussian noise added to the input, not to the target
-    normalize: bool = False  # scale activations so that their mean squared norm is d
-    recipe: str = "standard"  # standard | report
-    seed: int = 0
+    # bias, Adam second moments at the live mean (see `sae_circuits.resampling`)
+    resample_target: str = field(
+        default="input",
+        metadata={
+            "help": "re-initialise towards badly reconstructed inputs (input) or towards "
+            "least-squares residuals of recent inputs (residual)",
+            "choices": RESAMPLE_TARGETS,
+        },
+    )
+    noise_std: float = field(
+        default=0.0,
+        metadata={"help": "denoising: std of Gaussian noise added to the input, not the target"},
+    )
+    normalize: bool = field(
+        default=False,
+        metadata={"help": "scale activations to mean squared norm d (folded into the weights)"},
+    )
+    recipe: str = field(
+        default="standard",
+        metadata={
+            "help": "losses and initialisation: standard, or as in Sharkey et al. (report)",
+            "choices": RECIPES,
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "random seed"})
 
     def __post_init__(self) -> None:
-        if self.kind == "topk" and self.sparsity == "l1":
+        top_k = self.kind in TOP_K_KINDS
+        if top_k and self.sparsity == "l1":
             self.sparsity = "topk"
         checks = [
             (self.kind in KINDS, f"kind must be one of {', '.join(KINDS)}"),
             (self.sparsity in SPARSITIES, f"sparsity must be one of {', '.join(SPARSITIES)}"),
-            ((self.kind == "topk") == (self.sparsity == "topk"), 'kind="topk" ⇔ sparsity="topk"'),
-            (self.kind != "topk" or (self.k or 0) >= 1, "a topk dictionary needs k >= 1"),
+            (
+                top_k == (self.sparsity == "topk"),
+                f'sparsity="topk" ⇔ a top-k kind ({", ".join(TOP_K_KINDS)})',
+            ),
+            (not top_k or (self.k or 0) >= 1, f"a {self.kind} dictionary needs k >= 1"),
             (self.recipe in RECIPES, f"recipe must be one of {', '.join(RECIPES)}"),
-            (self.recipe != "report" or self.kind != "tied", "the report recipe is untied"),
+            (
+                self.recipe != "report" or self.kind in REPORT_KINDS,
+                f"the report recipe needs a kind with a decoder bias ({', '.join(REPORT_KINDS)})",
+            ),
             (
                 self.d_dict >= 1 and self.lr > 0 and self.l1 >= 0,
                 "need d_dict >= 1, lr > 0, l1 >= 0",
@@ -141,7 +194,7 @@ def train_dictionaries(
     checkpoint_every: int = 1000,
     resume: bool = True,
     progress: bool = True,
-    site_names: dict[str, str] | None = None,
+    site_names: Mapping[str, str | Site] | None = None,
     model: str | None = None,
     normalize_batches: int = 8,
     log_every: int = 10,
@@ -155,9 +208,9 @@ def train_dictionaries(
     is continued. Normalised keys get a scale estimated from the first `normalize_batches` batches;
     it is folded into the returned weights, so they work on raw activations, and recorded as
     `hyperparameters["activation_scale"]`. `site_names` maps keys to the sites written into the
-    configs (default: the key). Each dictionary's config records its spec, `steps` and `tokens`,
-    and `metrics` gets `train_mse`, `train_sparsity`, `train_l0` (means over the last `log_every`
-    steps), `train_dead` and `train_dead_fraction`.
+    configs (default: the key, if it names a site). Each dictionary's config records its spec,
+    `steps` and `tokens`, and `metrics` gets `train_mse`, `train_sparsity`, `train_l0` (means over
+    the last `log_every` steps), `train_dead` and `train_dead_fraction`.
     """
     if not specs:
         raise UserInputError("no dictionaries to train")
@@ -176,10 +229,10 @@ def train_dictionaries(
         widths = _input_widths(first[0], specs, d_in)
         scales = {key: _activation_scale(first, key) for key in normalized}
         start = 0
-    sites = site_names or {}
+    sites = {key: _config_site(key, site_names or {}) for key in {spec.key for spec in specs}}
     indicators = _Indicators()
     members = [
-        _Member(spec, widths[spec.key], sites.get(spec.key, spec.key), model, device, indicators)
+        _Member(spec, widths[spec.key], sites[spec.key], model, device, indicators)
         for spec in specs
     ]
     if state:
@@ -206,7 +259,7 @@ def train_dictionaries(
                     and (step + 1) % spec.resample_every == 0
                     and step + 1 < steps
                 ):
-                    member.resample(x)
+                    member.resampler.resample(x)
             done = step + 1
             if done % log_every == 0 or done == steps:
                 for member in members:
@@ -239,13 +292,13 @@ class _Indicators:
 
 # --------------------------------------------------------------------------------- one dictionary
 class _Member:
-    """A dictionary in training with its optimizer, dead-feature counters and RNG."""
+    """A dictionary in training with its optimizer, resampler, statistics and RNG."""
 
     def __init__(
         self,
         spec: TrainSpec,
         d_in: int,
-        site: str,
+        site: Site | None,
         model: str | None,
         device: torch.device,
         indicators: _Indicators | None = None,
@@ -260,28 +313,24 @@ class _Member:
             torch.manual_seed(spec.seed)
             self.dictionary = Dictionary.from_config(config)
             if report:
-                _orthogonal_init(self.dictionary)
+                self.dictionary.orthogonal_init()
         self.dictionary.to(device)
-        params = [
-            p for name, p in self.dictionary.named_parameters() if not (report and name == "b_dec")
-        ]
-        if report:
-            self.dictionary.b_dec.requires_grad_(False)
+        frozen = self.dictionary.decoder_bias if report else None  # the report recipe: held at 0
+        params = [p for name, p in self.dictionary.named_parameters() if name != frozen]
+        if frozen is not None:
+            getattr(self.dictionary, frozen).requires_grad_(False)
         self.optimizer = torch.optim.Adam(params, lr=spec.lr)
-        self.decoder: nn.Parameter | None = None if spec.kind == "tied" else self.dictionary.W_dec
         self.mse_scale = 1.0 / d_in if report else 1.0
         self.penalty = 0.0 if spec.sparsity == "topk" else spec.l1 / (spec.d_dict if report else 1)
         self.generator = torch.Generator(device).manual_seed(spec.seed)
-        self.since_fired = torch.zeros(spec.d_dict, dtype=torch.long, device=device)
-        # activations per latent since the last resampling (only kept when a rule needs them)
-        self.fired = (
-            torch.zeros(spec.d_dict, dtype=torch.long, device=device)
-            if spec.resample_duplicates is not None or spec.resample_min_fires
-            else None
-        )
-        # recent inputs for residual resampling: the last batches, at least RESAMPLE_POOL rows
-        self.pool: deque[torch.Tensor] | None = (
-            deque() if spec.resample_target == "residual" else None
+        self.resampler = Resampler(
+            self.dictionary,
+            self.optimizer,
+            dead_window=spec.dead_window,
+            duplicates=spec.resample_duplicates,
+            min_fires=spec.resample_min_fires,
+            target=spec.resample_target,
+            generator=self.generator,
         )
         self.totals = torch.zeros(
             3, device=device
@@ -305,25 +354,15 @@ class _Member:
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.decoder is not None:
-            _remove_parallel_gradient(self.decoder)
+        self.dictionary.project_decoder_gradient()
         self.optimizer.step()
-        if self.decoder is not None:
-            self.dictionary.normalize_decoder()
+        self.dictionary.normalize_decoder()
         with torch.no_grad():
             active = self.indicators.of(f)
-            self.since_fired.add_(1).masked_fill_(active.amax(0) > 0, 0)
-            if self.fired is not None:
-                self.fired += active.sum(0).long()
+            self.resampler.observe(x, active)
             self.totals += torch.stack([mse.detach(), sparsity.detach(), active.sum() / len(x)])
         self.count += 1
         self.tokens += len(x)
-        if self.pool is not None:
-            self.pool.append(x.detach())
-            while (
-                len(self.pool) > 1 and sum(map(len, self.pool)) - len(self.pool[0]) >= RESAMPLE_POOL
-            ):
-                self.pool.popleft()
 
     def flush_stats(self) -> None:
         if self.count:
@@ -331,153 +370,38 @@ class _Member:
             self.totals.zero_()
             self.count = 0
 
-    @property
-    def dead(self) -> torch.Tensor:
-        return self.since_fired >= self.spec.dead_window
-
-    @torch.no_grad()
-    def resample(self, x: torch.Tensor) -> int:
-        """Re-initialise dead latents, and those the optional rules flag; returns how many.
-
-        Targets: dead latents, with `resample_duplicates` the duplicates of more active latents,
-        with `resample_min_fires` the latents that fired fewer times since the last resampling.
-        `resample_target="input"`: directions are unit inputs of the batch `x` drawn ∝ squared
-        reconstruction error (with replacement). `"residual"`: each input of the last
-        RESAMPLE_POOL is refitted by least squares on the latents it activates, and the unit
-        residuals with the largest norms are taken (what the active latents cannot express at any
-        activation, e.g. a feature no latent covers); the encoder column gets the median norm of
-        the live ones, the bias their median, and Adam's second moments their mean (zeros would
-        make the first updates of a re-initialised latent tens of times larger than the LR).
-        """
-        targets = self.dead
-        if self.fired is not None:
-            if self.spec.resample_duplicates is not None:
-                targets = targets | self.duplicates()
-            if self.spec.resample_min_fires:
-                targets = targets | (self.fired < self.spec.resample_min_fires)
-            self.fired.zero_()
-        dead = targets.nonzero().squeeze(1)
-        if len(dead) == 0:
-            return 0
-        residual = self.spec.resample_target == "residual"
-        if residual:
-            pool = torch.cat(list(self.pool)) if self.pool else x
-            errors = _least_squares_residuals(self.dictionary, pool)
-            norms = errors.pow(2).sum(-1)
-            if not norms.sum() > 0:
-                return 0
-            order = norms.argsort(descending=True)
-            chosen = order[torch.arange(len(dead), device=order.device) % len(order)]
-            directions = F.normalize(errors[chosen], dim=-1)
-        else:
-            losses = (self.dictionary(x)[0] - x).pow(2).sum(-1)
-            if not losses.sum() > 0:
-                return 0
-            chosen = torch.multinomial(
-                losses, len(dead), replacement=True, generator=self.generator
-            )
-            directions = F.normalize(x[chosen], dim=-1)
-        d = self.dictionary
-        alive = ~targets
-        if self.spec.kind == "tied":
-            if residual and alive.any():
-                norm, bias = d.W[alive].norm(dim=1).median(), float(d.b[alive].median())
-                slots = [(d.W, 0, norm * directions), (d.b, 0, bias)]
-            else:
-                slots = [(d.W, 0, directions), (d.b, 0, 0.0)]
-        else:
-            if residual and alive.any():
-                enc, bias = d.W_enc[:, alive].norm(dim=0).median(), float(d.b_enc[alive].median())
-            else:
-                enc = d.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
-                enc, bias = 0.2 * enc, 0.0
-            slots = [
-                (d.W_dec, 0, directions),
-                (d.W_enc, 1, enc * directions.T),
-                (d.b_enc, 0, bias),
-            ]
-        live = alive.nonzero().squeeze(1)
-        for param, axis, value in slots:
-            if isinstance(value, float):
-                param.index_fill_(axis, dead, value)
-            else:
-                param.index_copy_(axis, dead, value)
-            state = self.optimizer.state.get(param, {})
-            for name in ("exp_avg", "exp_avg_sq"):
-                if name not in state:
-                    continue
-                if residual and name == "exp_avg_sq" and len(live):
-                    mean = state[name].index_select(axis, live).mean(axis, keepdim=True)
-                    shape = list(state[name].shape)
-                    shape[axis] = len(dead)
-                    state[name].index_copy_(axis, dead, mean.expand(shape).contiguous())
-                else:
-                    state[name].index_fill_(axis, dead, 0.0)
-        self.since_fired[dead] = 0
-        return len(dead)
-
-    @torch.no_grad()
-    def duplicates(self, max_block: int = 1 << 24) -> torch.Tensor:
-        """(d_dict,) bool: latents whose unit decoder direction has cosine >= `resample_duplicates`
-        with a higher-ranked latent (more activations since the last resampling, then lower index).
-
-        Each group of near-identical latents thus keeps its top-ranked member. The Gram matrix is
-        computed in row blocks of at most `max_block` entries.
-        """
-        threshold, n = self.spec.resample_duplicates, self.spec.d_dict
-        directions = F.normalize(self.dictionary.decoder_directions.detach().float(), dim=-1)
-        index = torch.arange(n, device=directions.device)
-        fired = self.fired if self.fired is not None else torch.zeros_like(index)
-        # rank: more activations first, then the lower index (unique, so exactly one is on top)
-        rank = fired.double() * n + (n - 1 - index).double()
-        chunk = max(1, max_block // n)
-        duplicate = torch.zeros(n, dtype=torch.bool, device=directions.device)
-        for start in range(0, n, chunk):
-            rows = slice(start, start + chunk)
-            cosines = directions[rows] @ directions.T
-            higher = rank[None, :] > rank[rows, None]  # excludes the latent itself
-            duplicate[rows] = ((cosines >= threshold) & higher).any(1)
-        return duplicate
-
     def state(self) -> dict[str, Any]:
         return {
             "dictionary": self.dictionary.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "since_fired": self.since_fired,
             "generator": self.generator.get_state(),
             "totals": self.totals,
             "count": self.count,
             "stats": self.stats,
             "tokens": self.tokens,
-            **({"fired": self.fired} if self.fired is not None else {}),
-            **({"pool": list(self.pool)} if self.pool is not None else {}),
+            **self.resampler.state(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.dictionary.load_state_dict(state["dictionary"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.since_fired.copy_(state["since_fired"])
         self.generator.set_state(state["generator"])
         self.totals.copy_(state["totals"])
         self.count, self.stats, self.tokens = state["count"], state["stats"], state["tokens"]
-        if self.fired is not None:
-            self.fired.copy_(state["fired"])
-        if self.pool is not None:
-            self.pool = deque(state["pool"])
+        self.resampler.load_state(state)
 
     @torch.no_grad()
     def finish(self, steps: int, scale: float | None) -> Dictionary:
         """The trained dictionary for raw activations, with its spec and training metrics recorded."""
         d = self.dictionary
-        if scale is not None:  # trained on s·x: dividing the biases by s gives features f/s on x
-            for bias in (d.b,) if self.spec.kind == "tied" else (d.b_enc, d.b_dec):
-                bias.div_(scale)
+        if scale is not None:  # trained on s·x
+            d.fold_activation_scale(scale)
         d.requires_grad_(True)
         mse, sparsity, l0 = (float(v) for v in self.stats)
         if scale is not None:  # metrics in raw units, like the weights
             mse /= scale**2
             sparsity /= 1.0 if self.spec.sparsity == "entropy" else scale
-        dead = int(self.dead.sum())
+        dead = int(self.resampler.dead.sum())
         d.config.hyperparameters = {
             **asdict(self.spec),
             "steps": steps,
@@ -494,56 +418,21 @@ class _Member:
         return d
 
 
+def _config_site(key: str, site_names: Mapping[str, str | Site]) -> Site | None:
+    """The site recorded for `key`'s dictionaries: `site_names[key]`, else the key if it names a
+    site (a stream key may be any label)."""
+    if key in site_names:
+        return Site.parse(site_names[key])
+    try:
+        return Site.parse(key)
+    except UserInputError:
+        return None
+
+
 def _entropy(f: torch.Tensor) -> torch.Tensor:
     """Mean entropy of the features normalised to sum 1 per input."""
     p = f / (f.sum(-1, keepdim=True) + _EPS)
     return -(p * torch.log(p + _EPS)).sum(-1).mean()
-
-
-@torch.no_grad()
-def _least_squares_residuals(
-    dictionary: Dictionary, x: torch.Tensor, max_block: int = 1 << 24
-) -> torch.Tensor:
-    """(n, d) residuals of `x` after a least-squares fit on the decoder directions of the latents
-    each input activates (at most d of them, the most active), plus the decoder bias.
-
-    Unlike `x − x̂`, the residual does not contain the shrinkage of the active latents' activations
-    (the L1 penalty's), so large residuals point at directions that no active latent covers.
-    Works in blocks of at most `max_block` floats.
-    """
-    f = dictionary.encode(x)
-    base = dictionary.decode(torch.zeros_like(f[:1]))
-    target = x - base
-    directions = dictionary.decoder_directions
-    width = max(1, min(int((f > 0).sum(1).max()), directions.shape[1]))
-    values, indices = f.topk(width, dim=1)
-    residuals = torch.empty_like(target)
-    chunk = max(1, max_block // (width * max(width, directions.shape[1])))
-    eye = torch.eye(width, device=x.device, dtype=x.dtype)
-    for start in range(0, len(x), chunk):
-        rows = slice(start, start + chunk)
-        basis = directions[indices[rows]] * (values[rows] > 0)[..., None]  # (m, width, d)
-        gram = basis @ basis.transpose(1, 2) + 1e-4 * eye  # the ridge pins unused slots to 0
-        coefficients = torch.linalg.solve(gram, basis @ target[rows, :, None])
-        residuals[rows] = target[rows] - (coefficients.transpose(1, 2) @ basis).squeeze(1)
-    return residuals
-
-
-@torch.no_grad()
-def _remove_parallel_gradient(weight: nn.Parameter) -> None:
-    """Keep unit-norm rows on the sphere: drop each row's gradient component along the row."""
-    grad = weight.grad
-    grad.sub_((grad * weight).sum(1, keepdim=True) * weight)
-
-
-@torch.no_grad()
-def _orthogonal_init(dictionary: Dictionary) -> None:
-    """Orthogonal decoder (unit rows), encoder its transpose, zero biases (the report's recipe)."""
-    nn.init.orthogonal_(dictionary.W_dec)
-    dictionary.normalize_decoder()
-    dictionary.W_enc.copy_(dictionary.W_dec.T)
-    dictionary.b_enc.zero_()
-    dictionary.b_dec.zero_()
 
 
 # --------------------------------------------------------------------------------- stream & state
@@ -662,7 +551,7 @@ class _ProgressBar:
         if self.progress is None:
             return
         stats = torch.stack([member.stats for member in members]).nanmean(0)
-        dead = sum(float(member.dead.float().mean()) for member in members) / len(members)
+        dead = sum(float(m.resampler.dead.float().mean()) for m in members) / len(members)
         text = f"mse {stats[0]:.4g}  L0 {stats[2]:.1f}  dead {100 * dead:.1f}%"
         if len(members) > 1:
             text += f" (mean of {len(members)})"

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from sae_circuits import Site, load_dictionaries, load_model, shipped_sets, token_batches
+from sae_circuits import load_dictionaries, load_model, shipped_sets, token_batches
 from sae_circuits.buffer import harvest
-from sae_circuits.embedded import EMBEDDED_MODEL_NAME
+from sae_circuits.models import EMBEDDED_MODEL_NAME
+from sae_circuits.plotting import new_figure
 from sae_circuits.resources import asset_dir
+from sae_circuits.sites import SiteMap
 from sae_circuits.text import default_documents
 
 COLUMNS = [
@@ -33,10 +35,10 @@ COLUMNS = [
 ]
 
 
-def frequencies(model, dictionaries, tokens: int) -> dict[str, torch.Tensor]:
-    """Share of held-out positions on which each feature fires, per site."""
-    sites = sorted((Site.parse(s) for s in dictionaries), key=lambda s: s.order)
-    counts = {str(s): torch.zeros(dictionaries[str(s)].d_dict) for s in sites}
+def frequencies(model, dictionaries: SiteMap, tokens: int) -> dict[str, torch.Tensor]:
+    """Share of held-out positions on which each feature fires, per site (in forward order)."""
+    sites = list(dictionaries)
+    counts = {str(s): torch.zeros(dictionaries[s].d_dict) for s in sites}
     positions = 0
     for ids in token_batches(model.tokenizer, default_documents(True), 128, 16, tokens):
         acts = harvest(model, sites, ids, torch.ones_like(ids))
@@ -48,15 +50,11 @@ def frequencies(model, dictionaries, tokens: int) -> dict[str, torch.Tensor]:
 
 
 def histogram(freqs: dict[str, torch.Tensor], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sites = list(freqs)
     cols = min(4, len(sites))
     rows = -(-len(sites) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.2 * rows), squeeze=False)
+    fig = new_figure((3.2 * cols, 2.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, site in zip(axes.flat, sites, strict=False):
         f = freqs[site]
         alive = f[f > 0]
@@ -69,7 +67,6 @@ def histogram(freqs: dict[str, torch.Tensor], path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def table(set_name: str, dictionaries) -> list[str]:
@@ -98,13 +95,12 @@ def main() -> None:
     root = asset_dir("dictionaries") / EMBEDDED_MODEL_NAME
     sections = []
     for set_name in shipped_sets():
-        dictionaries = load_dictionaries(set_name)
-        ordered = dict(sorted(dictionaries.items(), key=lambda item: Site.parse(item[0]).order))
-        freqs = frequencies(model, ordered, args.tokens)
+        dictionaries = load_dictionaries(set_name)  # in forward order
+        freqs = frequencies(model, dictionaries, args.tokens)
         histogram(
             freqs, root / set_name / "frequencies.png", f"feature frequencies, set {set_name}"
         )
-        sections += table(set_name, ordered) + [
+        sections += table(set_name, dictionaries) + [
             "",
             f"![frequencies]({set_name}/frequencies.png)",
             "",

@@ -5,7 +5,7 @@
 #   SWEEP=1 bash scripts/shipped_dictionaries.sh    # first the L1 sweep used to choose the L1 values
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL=$(python -c "from sae_circuits.embedded import EMBEDDED_MODEL_NAME as n; print(n)")
+MODEL=$(python -c "from sae_circuits.models import EMBEDDED_MODEL_NAME as n; print(n)")
 OUT=dictionaries/$MODEL
 TOKENS=${TOKENS:-1000000}
 COMMON=(--seed 0 --batch-size 1024 --warmup-steps 100 --resample-every 150 --dead-window 100

@@ -4,7 +4,7 @@ import torch
 from sae_circuits import Site, UserInputError, token_batches
 from sae_circuits.buffer import ActivationBuffer, ShardStream, harvest, write_shards
 from sae_circuits.sites import torch_module
-from sae_circuits.testing import SAMPLE_TEXT
+from sae_circuits.testing import SAMPLE_TEXT, site_hook
 
 
 def contexts(model, n_batches=40, ctx_len=16, rows=4):
@@ -12,19 +12,9 @@ def contexts(model, n_batches=40, ctx_len=16, rows=4):
 
 
 def reference_activations(model, site, ids):
-    path, _ = Site.parse(site).resolve(model)
-    captured = []
-    handle = (
-        torch_module(model)
-        .get_submodule(path)
-        .register_forward_hook(
-            lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out)
-        )
-    )
-    with torch.no_grad():
+    with torch.no_grad(), site_hook(model, site) as seen:
         torch_module(model)(input_ids=ids)
-    handle.remove()
-    return captured[0]
+    return seen["x"]
 
 
 def test_harvest_drops_pad_and_bos_positions(model):
@@ -104,3 +94,10 @@ def test_shards_round_trip(model, tmp_path):
     resumed = ShardStream(tmp_path, batch_size=50, seed=1)
     resumed.load_state_dict({"position": 4})
     torch.testing.assert_close(next(iter(resumed))["mlp.0"], served[4]["mlp.0"])
+
+
+def test_harvesting_needs_a_site(model, tmp_path):
+    with pytest.raises(UserInputError, match="at least one site"):
+        ActivationBuffer(model, [], [])
+    with pytest.raises(UserInputError, match="at least one site"):
+        write_shards(model, [], [], tmp_path, tokens=10, progress=False)

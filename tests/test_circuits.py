@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import random_untied
 
-from sae_circuits import attach, detach, load_model
+from sae_circuits import attach, detach, engine, load_model
 from sae_circuits.circuits import (
     faithfulness,
     faithfulness_curve,
@@ -28,6 +28,7 @@ from sae_circuits.circuits import (
 )
 from sae_circuits.circuits import patching as P
 from sae_circuits.cli import main
+from sae_circuits.sites import Site
 from sae_circuits.testing import save_random_model
 
 UP, DOWN = "resid.0", "resid.1"
@@ -144,17 +145,17 @@ def test_integrated_gradients_are_complete(wired):
     reads the site), so a site's integrated-gradient attributions sum to m(clean) − m(corrupt),
     up to the O(1/steps) error of the Riemann sum; the plain gradient is far off here."""
     model, task = wired
-    inputs = P.task_inputs(model, task)
-    clean = P.run(model, inputs.clean, inputs.metric, [UP, DOWN])
-    corrupt = P.run(model, inputs.corrupt, inputs.metric, [UP, DOWN])
+    sites = [Site.parse(UP), Site.parse(DOWN)]
+    inputs = engine.task_tokens(model, task)
+    clean = engine.read(model, inputs.clean, sites, inputs.metric)
+    corrupt = engine.read(model, inputs.corrupt, sites, inputs.metric)
     total = float(clean.metric.mean() - corrupt.metric.mean())
-    grads = P.integrated_gradients(model, inputs, [UP, DOWN], clean, corrupt, steps=32)
-    plain = P.gradients(model, inputs, [UP, DOWN])
-    for site in (UP, DOWN):
-        assert float(P.node_attribution(grads, clean, corrupt, site).sum()) == pytest.approx(
-            total, rel=0.1
-        )
-        assert float(P.node_attribution(plain, clean, corrupt, site).sum()) < 0.5 * total
+    grads = P.integrated_gradients(model, inputs, sites, clean, corrupt, steps=32)
+    plain = P.gradients(model, inputs, sites)
+    for site in sites:
+        integrated = P.node_attribution(grads, clean, corrupt, site).values.sum()
+        assert float(integrated) == pytest.approx(total, rel=0.1)
+        assert float(P.node_attribution(plain, clean, corrupt, site).values.sum()) < 0.5 * total
 
 
 def test_faithfulness_full_graph_and_by_hand(wired):

@@ -4,15 +4,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sae_circuits import Dictionary, DictionaryConfig, LinearBasis, UserInputError
+from sae_circuits import Dictionary, DictionaryConfig, LinearBasis, Site, UserInputError
 from sae_circuits.dictionary import foreign_site_name
 
 D_IN, D_DICT = 16, 48
 
 
 def make(kind, **extra):
+    """A dictionary at resid.1 (a transcoder: from resid.1 to its `out_site`), random biases."""
     torch.manual_seed(0)
-    config = DictionaryConfig(kind=kind, d_in=D_IN, d_dict=D_DICT, site="resid.1", **extra)
+    sites = {"in_site": "resid.1"} if "out_site" in extra else {"site": "resid.1"}
+    config = DictionaryConfig(kind=kind, d_in=D_IN, d_dict=D_DICT, **sites, **extra)
     dictionary = Dictionary.from_config(config)
     with torch.no_grad():
         for name, param in dictionary.named_parameters():
@@ -118,7 +120,7 @@ def test_dictionary_learning_format(tmp_path):
     f = torch.relu((x - state["bias"]) @ state["encoder.weight"].T + state["encoder.bias"])
     torch.testing.assert_close(d.encode(x), f)
     torch.testing.assert_close(d.decode(f), f @ state["decoder.weight"].T + state["bias"])
-    assert d.config.site == "resid.3"
+    assert d.config.in_site == d.config.out_site == Site.parse("resid.3")
 
 
 def test_saelens_format(tmp_path):
@@ -136,7 +138,7 @@ def test_saelens_format(tmp_path):
     x = torch.randn(6, D_IN)
     f = torch.relu((x - state["b_dec"]) @ state["W_enc"] + state["b_enc"])
     torch.testing.assert_close(d(x)[0], f @ state["W_dec"] + state["b_dec"])
-    assert d.config.site == "mlp.2"
+    assert d.config.in_site == d.config.out_site == Site.parse("mlp.2")
 
 
 def test_foreign_site_names():
@@ -167,3 +169,82 @@ def test_bad_files_are_clear_errors(tmp_path):
         Dictionary.load(tmp_path / "mismatch")
     with pytest.raises(UserInputError, match="unknown dictionary kind"):
         Dictionary.from_config(DictionaryConfig(kind="nope", d_in=2, d_dict=2))
+
+
+def test_config_sites_are_parsed_once_and_written_as_text(tmp_path):
+    config = DictionaryConfig(kind="untied", d_in=4, d_dict=8, site="resid.1")
+    assert config.in_site == config.out_site == config.site == Site.parse("resid.1")
+    assert (config.to_dict()["in_site"], config.to_dict()["out_site"]) == ("resid.1", "resid.1")
+    transcoder = DictionaryConfig(
+        kind="transcoder", d_in=4, d_dict=8, in_site="mlp_in.1", out_site=Site.parse("mlp.1")
+    )
+    assert transcoder.site == transcoder.out_site == Site.parse("mlp.1")
+    assert DictionaryConfig.from_dict(transcoder.to_dict()) == transcoder
+    with pytest.raises(UserInputError, match="either site or in_site"):
+        DictionaryConfig(kind="untied", d_in=4, d_dict=8, site="resid.1", out_site="resid.2")
+    with pytest.raises(UserInputError, match="in_site and out_site"):
+        Dictionary.from_config(
+            DictionaryConfig(kind="transcoder", d_in=4, d_dict=8, out_site="mlp.1")
+        )
+    with pytest.raises(UserInputError, match="unknown site"):
+        DictionaryConfig(kind="untied", d_in=4, d_dict=8, site="nowhere")
+
+
+@pytest.mark.parametrize(
+    "kind,extra,old_sites,sites",
+    [
+        ("untied", {}, {"site": "resid.1", "out_site": None}, ("resid.1", "resid.1")),
+        ("untied", {}, {"site": None}, (None, None)),
+        (
+            "transcoder",
+            {"d_out": 8, "out_site": "mlp.1"},
+            {"site": "resid.1", "out_site": "mlp.1"},
+            ("resid.1", "mlp.1"),
+        ),
+    ],
+)
+def test_configs_of_the_older_format_load(tmp_path, kind, extra, old_sites, sites):
+    """Before `in_site`, a config had `site` (the site read) and, for transcoders, `out_site`."""
+    d = make(kind, **extra)
+    d.save(tmp_path / "d")
+    data = json.loads((tmp_path / "d" / "config.json").read_text())
+    del data["in_site"], data["out_site"]
+    (tmp_path / "d" / "config.json").write_text(json.dumps({**data, **old_sites}))
+    loaded = Dictionary.load(tmp_path / "d").config
+    expected = tuple(None if s is None else Site.parse(s) for s in sites)
+    assert (loaded.in_site, loaded.out_site) == expected
+    other = [key for key in loaded.to_dict() if not key.endswith("site")]
+    assert [getattr(loaded, key) for key in other] == [getattr(d.config, key) for key in other]
+
+
+@pytest.mark.parametrize(
+    "kind,extra",
+    [("tied", {}), ("untied", {}), ("topk", {"k": 4}), ("transcoder", {"out_site": "mlp.1"})],
+)
+def test_folding_a_scale_gives_the_features_on_raw_inputs(kind, extra):
+    """Trained on s·x, folded: features f/s and reconstructions x̂/s on raw x."""
+    d, scale, x = make(kind, **extra), 7.0, torch.randn(5, D_IN)
+    folded = make(kind, **extra)
+    folded.fold_activation_scale(scale)
+    x_hat, f = d(scale * x)
+    folded_x_hat, folded_f = folded(x)
+    torch.testing.assert_close(folded_f, f / scale)
+    torch.testing.assert_close(folded_x_hat, x_hat / scale)
+
+
+def test_decoder_constraint_is_the_kinds():
+    """Untied decoders keep unit rows (tangent gradients, renormalised rows); tied ones are free."""
+    untied, tied = make("untied"), make("tied")
+    for d in (untied, tied):
+        for p in d.parameters():
+            p.grad = torch.randn_like(p)
+    untied.project_decoder_gradient()
+    assert (untied.W_dec.grad * untied.W_dec).sum(1).abs().max() < 1e-5
+    with torch.no_grad():
+        untied.W_dec.mul_(3.0)
+    untied.normalize_decoder()
+    torch.testing.assert_close(untied.W_dec.norm(dim=1), torch.ones(D_DICT))
+    W, grad = tied.W.detach().clone(), tied.W.grad.clone()
+    tied.project_decoder_gradient()
+    tied.normalize_decoder()
+    assert torch.equal(tied.W, W) and torch.equal(tied.W.grad, grad)

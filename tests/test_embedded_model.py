@@ -10,22 +10,23 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPTNeoXForCausalLM
 
-from sae_circuits.embedded import (
-    EMBEDDED_MODEL_NAME,
-    embedded_model_dir,
+from sae_circuits.corpus import iter_corpus, stdlib_files
+from sae_circuits.embedded.evaluate import evaluate_model
+from sae_circuits.errors import UserInputError
+from sae_circuits.models import EMBEDDED_MODEL_NAME, embedded_model_path
+from sae_circuits.task_text import (
     ioi_examples,
+    ioi_templates,
+    load_task_data,
     single_token_words,
     sva_examples,
+    sva_templates,
 )
-from sae_circuits.embedded.corpus import iter_corpus, stdlib_files
-from sae_circuits.embedded.evaluate import evaluate_model
-from sae_circuits.embedded.task_text import ioi_templates, load_task_data, sva_templates
-from sae_circuits.errors import UserInputError
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    folder = embedded_model_dir()
+    folder = embedded_model_path()
     assert (folder / "model.safetensors").is_file(), f"embedded model missing at {folder}"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = GPTNeoXForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
@@ -57,7 +58,7 @@ def test_shipped_model_sva_accuracy(shipped_metrics):
 
 
 def test_shipped_folder_layout_and_size():
-    folder = embedded_model_dir()
+    folder = embedded_model_path()
     assert folder.name == EMBEDDED_MODEL_NAME
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "gpt_neox"

@@ -19,8 +19,8 @@ from sae_circuits.features import (
     feature_frequencies,
     inspect_features,
 )
-from sae_circuits.sites import Site, torch_module
-from sae_circuits.testing import SAMPLE_TEXT, save_random_model
+from sae_circuits.sites import torch_module
+from sae_circuits.testing import SAMPLE_TEXT, save_random_model, site_hook
 
 WORDS = (" John", " Mary")
 DOCUMENTS = [SAMPLE_TEXT[i:] + SAMPLE_TEXT[:i] for i in range(0, len(SAMPLE_TEXT), 9)]
@@ -106,22 +106,15 @@ def test_top_k_is_merged_across_batches(neox):
 
 def plain_ablation(model, site, dictionary, feature, rows, positions):
     """Reference: x -> x - f_i(x) d_i at every position, with a plain torch hook."""
-    path, _ = Site.parse(site).resolve(model)
-    module = torch_module(model).get_submodule(path)
 
-    def hook(mod, args, output):
-        x = output[0] if isinstance(output, tuple) else output
-        x = x - dictionary.encode(x)[..., feature, None] * dictionary.decoder_directions[feature]
-        return (x, *output[1:]) if isinstance(output, tuple) else x
+    def ablate(x):
+        return x - dictionary.encode(x)[..., feature, None] * dictionary.decoder_directions[feature]
 
     at = torch.arange(len(rows))
     with torch.no_grad():
         clean = torch_module(model)(input_ids=rows).logits[at, positions]
-        handle = module.register_forward_hook(hook)
-        try:
+        with site_hook(model, site, ablate):
             ablated = torch_module(model)(input_ids=rows).logits[at, positions]
-        finally:
-            handle.remove()
     return ablated - clean
 
 
@@ -245,5 +238,4 @@ def test_views(neox, wired, tmp_path):
     text = console.export_text()
     assert "top activating contexts" in text and "' John' 100%" in text and "2 dead" in text
     assert "font-weight:bold'> John</span>" in report._repr_html_()
-    pytest.importorskip("matplotlib")
     assert report.save_png(tmp_path / "f.png").stat().st_size > 1000

@@ -13,17 +13,9 @@ from conftest import random_untied
 from sae_circuits import LinearBasis, UserInputError, attach, attached, detach
 from sae_circuits.cli import main
 from sae_circuits.dictionary import CONFIG_FILE
-from sae_circuits.interventions import (
-    ablate,
-    compare_bases,
-    generate_pinned,
-    patch,
-    patching_curve,
-    pin,
-    rank_features,
-    run,
-)
+from sae_circuits.interventions import ablate, generate_pinned, patch, pin, run
 from sae_circuits.models import embedded_model_path
+from sae_circuits.patching_curves import compare_bases, patching_curve, rank_features
 from sae_circuits.resources import asset_dir
 from sae_circuits.sites import Site, torch_module
 from sae_circuits.tasks import Task

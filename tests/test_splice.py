@@ -14,7 +14,8 @@ from sae_circuits import (
     temporarily_attached,
     valid_sites,
 )
-from sae_circuits.sites import torch_module
+from sae_circuits.sites import SiteMap, torch_module
+from sae_circuits.splice import Location, SplicedDictionary
 
 
 def site_width(model, site):
@@ -37,7 +38,7 @@ def logits(model, prompts):
 def test_exact_with_every_site_spliced(model, prompts):
     base = logits(model, prompts)
     attach(model, dictionaries_for(model, valid_sites(model)))
-    assert list(attached(model)) == valid_sites(model)
+    assert list(attached(model)) == [Site.parse(site) for site in valid_sites(model)]
     torch.testing.assert_close(logits(model, prompts), base, atol=1e-5, rtol=0)
     detach(model)
     torch.testing.assert_close(logits(model, prompts), base, atol=0, rtol=0)
@@ -140,7 +141,7 @@ def test_transcoder_reads_mlp_input(model, prompts):
     base = logits(model, prompts)
     transcoder = Dictionary.from_config(
         DictionaryConfig(
-            kind="transcoder", d_in=hidden, d_dict=32, site="mlp_in.1", out_site="mlp.1"
+            kind="transcoder", d_in=hidden, d_dict=32, in_site="mlp_in.1", out_site="mlp.1"
         )
     )
     attach(model, {"mlp.1": transcoder})
@@ -157,7 +158,7 @@ def test_temporarily_attached_restores_previous(model, prompts):
     attach(model, {"resid.0": first})
     with temporarily_attached(model, {"resid.0": second, "resid.1": second}):
         assert attached(model)["resid.0"] is second
-    assert attached(model) == {"resid.0": first}
+    assert attached(model) == {Site.parse("resid.0"): first}
 
 
 def test_bad_attachments(model):
@@ -169,3 +170,31 @@ def test_bad_attachments(model):
         detach(model, ["resid.0"])
     with pytest.raises(UserInputError, match="no dictionary is attached"):
         spliced(model, "resid.1")
+
+
+def test_spliced_dictionary_keeps_its_site_and_location(model):
+    """A dictionary trained at resid.1 attached at resid.0 reads and writes resid.0; the splice
+    keeps the resolved location; `attached` and `detach` give SiteMaps."""
+    site = Site.parse("resid.0")
+    dictionary = random_untied(model.config.hidden_size, site="resid.1")
+    attach(model, {site: dictionary})
+    path, io = site.resolve(model)
+    module = torch_module(model).get_submodule(f"{path}.sae")
+    assert isinstance(module, SplicedDictionary) and module.dictionary is dictionary
+    assert (module.site, module.reads, module.location) == (site, site, Location(path, io))
+    assert isinstance(attached(model), SiteMap) and attached(model)["resid.0"] is dictionary
+    removed = detach(model, ["resid.0"])
+    assert isinstance(removed, SiteMap) and removed == {site: dictionary}
+    assert not hasattr(torch_module(model).get_submodule(path), "sae")
+
+
+def test_a_dictionary_reads_a_site_before_the_one_it_writes(model):
+    hidden = model.config.hidden_size
+    later = Dictionary.from_config(
+        DictionaryConfig(
+            kind="transcoder", d_in=hidden, d_dict=8, in_site="resid.1", out_site="mlp.1"
+        )
+    )
+    with pytest.raises(UserInputError, match="reads resid.1, which does not come before it"):
+        attach(model, {"mlp.1": later})
+    assert not attached(model)

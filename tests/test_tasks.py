@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae_circuits import UserInputError, load_model
-from sae_circuits.models import embedded_model_path
+from sae_circuits.models import embedded_model_path, is_embedded
 from sae_circuits.tasks import Task, load_task
 
 GOOD = {
@@ -27,6 +27,13 @@ def tiny(models):
 def embedded():
     assert (embedded_model_path() / "config.json").is_file(), "embedded model missing"
     return load_model()
+
+
+def test_is_embedded(embedded, tiny, model_dirs):
+    assert is_embedded(embedded)
+    assert is_embedded(load_model(embedded_model_path()))  # named by its folder: the same model
+    assert not is_embedded(tiny)
+    assert not is_embedded(load_model(model_dirs["gpt2"]))
 
 
 def write(path, data):

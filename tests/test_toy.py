@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,22 +14,18 @@ import torch.nn.functional as F
 from sae_circuits.cli import main
 from sae_circuits.errors import UserInputError
 from sae_circuits.toy import (
-    DEFAULT_DECAY_START,
-    DEFAULT_LR,
-    DEFAULT_RESAMPLE_DUPLICATES,
-    DEFAULT_RESAMPLE_MIN_FIRES,
-    DEFAULT_RESAMPLE_TARGET,
     METHODS,
+    TOY_SPEC,
     SweepResult,
     ToyConfig,
     ToyData,
     max_cosine,
     mmcs,
-    require_matplotlib,
     select,
     ssll,
     sweep,
 )
+from sae_circuits.training import TrainSpec
 
 torch.set_num_threads(1)  # tiny tensors: one thread is faster on the shared cores
 
@@ -99,9 +95,10 @@ def test_mmcs_on_constructed_cases() -> None:
 def test_short_training_recovers_planted_features() -> None:
     data = ToyData(ToyConfig(h=16, g=24, n_active=2, seed=0))
     random = F.normalize(torch.randn(24, 16, generator=torch.Generator().manual_seed(5)), dim=-1)
-    result = sweep(data, l1s=[0.1], ratios=[1.0], steps=1500, lr=1e-2, progress=False)
+    template = replace(TOY_SPEC, lr=1e-2)
+    result = sweep(data, l1s=[0.1], ratios=[1.0], steps=1500, template=template, progress=False)
     assert mmcs(data.features, random) < 0.7
-    assert result.mmcs[0, 0] > 0.95  # the "recovered" level of issue 8
+    assert result.mmcs[0, 0] > 0.95  # the "recovered" level of the report
     assert result.dead[0, 0] == 0
 
 
@@ -151,13 +148,17 @@ def test_resampling_schedule_leaves_the_dead_window_alone() -> None:
     """Dead latents are resampled, but never within the dead window of the end (else latents that
     stay silent would not count as dead)."""
     data = ToyData(ToyConfig(h=8, g=12, n_active=2, seed=1))
-    kwargs = {"l1s": [0.1], "ratios": [1.0], "dead_window": 20, "progress": False}
-    spec = sweep(data, steps=100, resample_every=40, **kwargs).dictionaries[0].config
+    kwargs = {"l1s": [0.1], "ratios": [1.0], "steps": 100, "progress": False}
+
+    def every(n: int | None) -> TrainSpec:
+        return replace(TOY_SPEC, dead_window=20, resample_every=n)
+
+    spec = sweep(data, template=every(40), **kwargs).dictionaries[0].config
     assert spec.hyperparameters["resample_every"] == 40  # resamples after steps 40 and 80
     with pytest.raises(UserInputError, match="within the dead window"):
-        sweep(data, steps=100, resample_every=45, **kwargs)  # would resample after step 90
-    for every in (None, 100):  # never, or not before the end
-        spec = sweep(data, steps=100, resample_every=every, **kwargs).dictionaries[0].config
+        sweep(data, template=every(45), **kwargs)  # would resample after step 90
+    for n in (None, 100):  # never, or not before the end
+        spec = sweep(data, template=every(n), **kwargs).dictionaries[0].config
         assert spec.hyperparameters["resample_every"] is None
 
 
@@ -179,7 +180,7 @@ def test_cli_reaches_the_report_recipe(monkeypatch, capsys) -> None:
     assert report["recipe"] == "report" and report["steps"] == 20
     assert main(argv) == 0  # the defaults: faster LR, decayed over the last fifth
     default = trained[-1].config.hyperparameters
-    assert (default["lr"], default["decay_start"]) == (DEFAULT_LR, DEFAULT_DECAY_START)
+    assert (default["lr"], default["decay_start"]) == (TOY_SPEC.lr, TOY_SPEC.decay_start)
     capsys.readouterr()
 
 
@@ -200,7 +201,7 @@ def test_cli_resampling_options(monkeypatch, capsys) -> None:
         specs[-1]["resample_duplicates"],
         specs[-1]["resample_min_fires"],
         specs[-1]["resample_target"],
-    ) == (DEFAULT_RESAMPLE_DUPLICATES, DEFAULT_RESAMPLE_MIN_FIRES, DEFAULT_RESAMPLE_TARGET)
+    ) == (TOY_SPEC.resample_duplicates, TOY_SPEC.resample_min_fires, TOY_SPEC.resample_target)
     for off in ("0", "none"):
         assert main([*argv, "--resample-duplicates", off]) == 0
         assert specs[-1]["resample_duplicates"] is None
@@ -237,9 +238,3 @@ def test_cli_json_shape(tmp_path, capsys) -> None:
     ]
     assert main(["toy", "--ratios", "0", "--steps", "1"]) == 2
     assert "ratios > 0" in capsys.readouterr().err
-
-
-def test_missing_matplotlib_is_explained(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(UserInputError, match=r"sae-circuits\[plots\]"):
-        require_matplotlib()

@@ -5,6 +5,7 @@ import torch
 from sae_circuits import METRIC_KEYS, Dictionary, load_model
 from sae_circuits.cli import main
 from sae_circuits.pipeline import checkpoint_dir, model_fingerprint
+from sae_circuits.sites import Site
 from sae_circuits.training import TrainSpec
 
 ARGS = [
@@ -99,7 +100,7 @@ def test_single_dictionary_per_site_goes_to_site_folder(model_dirs, tmp_path, ca
         ],
     )
     assert rows[0]["path"] == str(tmp_path / "attn.1")
-    assert Dictionary.load(tmp_path / "attn.1").config.site == "attn.1"
+    assert Dictionary.load(tmp_path / "attn.1").config.site == Site.parse("attn.1")
 
 
 def test_train_bad_site_exits_2(model_dirs, tmp_path, capsys):

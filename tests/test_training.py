@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sae_circuits.dictionary import Dictionary, DictionaryConfig
 from sae_circuits.errors import UserInputError
-from sae_circuits.training import TrainSpec, _Member, learning_rate, train_dictionaries
+from sae_circuits.training import KINDS, TrainSpec, _Member, learning_rate, train_dictionaries
 
 torch.set_num_threads(1)  # tiny tensors: one thread is faster on the shared cores
 D, G = 32, 48
@@ -120,146 +120,13 @@ def test_decoder_norm_stays_one() -> None:
 def test_projected_gradient_is_tangent_and_has_no_history() -> None:
     """The projected decoder gradient is orthogonal to each (unit) row and carries no autograd
     graph (a graph there would grow with every step)."""
-    member = _Member(TrainSpec("x", d_dict=64), D, "x", None, torch.device("cpu"))
+    member = _Member(TrainSpec("x", d_dict=64), D, None, None, torch.device("cpu"))
     member.optimizer.step = lambda: None  # keep the weights the gradient was projected against
     member.step(next(iter(PlantedSource()))["x"], 1e-3)
-    grad, rows = member.decoder.grad, member.decoder.detach()
+    decoder = member.dictionary.W_dec
+    grad, rows = decoder.grad, decoder.detach()
     assert grad.grad_fn is None and not grad.requires_grad
     assert (grad * rows).sum(1).abs().max() < 1e-6 * grad.norm()
-
-
-def test_resample_reinitialises_dead_features() -> None:
-    """Forced-dead features are moved to (unit) input directions, encoder bias 0, Adam state reset,
-    and fire again afterwards."""
-    spec = TrainSpec("x", d_dict=64, l1=0.01, lr=1e-2, warmup_steps=0, dead_window=5, seed=0)
-    member = _Member(spec, D, "x", None, torch.device("cpu"))
-    batches = iter(PlantedSource())
-    for _ in range(3):
-        member.step(next(batches)["x"], 1e-2)
-    with torch.no_grad():
-        member.dictionary.b_enc[:16] = -100.0
-    for _ in range(5):
-        member.step(next(batches)["x"], 1e-2)
-    assert member.dead[:16].all()
-    x = next(batches)["x"]
-    dead = member.dead.nonzero().squeeze(1)
-    assert member.resample(x) == len(dead)
-    d, state = member.dictionary, member.optimizer.state
-    directions = F.normalize(x, dim=-1)
-    # each decoder row is one of the inputs' unit directions, the encoder column a multiple of it
-    assert ((d.W_dec[dead] @ directions.T).amax(1) > 1 - 1e-5).all()
-    assert (F.cosine_similarity(d.W_enc[:, dead].T, d.W_dec[dead], dim=1) > 1 - 1e-5).all()
-    assert not d.b_enc[dead].any()
-    for param in (d.W_dec, d.b_enc):
-        assert (
-            not state[param]["exp_avg"][dead].any() and not state[param]["exp_avg_sq"][dead].any()
-        )
-    assert not state[d.W_enc]["exp_avg"][:, dead].any()
-    assert not member.dead.any()
-    for _ in range(5):
-        member.step(next(batches)["x"], 1e-2)
-    assert (member.since_fired[dead] < 5).float().mean() > 0.9
-
-
-def duplicate_member(kind: str = "untied", **options) -> _Member:
-    """A trained-for-one-step member whose 8 decoder directions are orthonormal except that
-    latents 2 and 6 both point along direction 2 (cos 1 - 1e-5), with activation counts set."""
-    spec = TrainSpec("x", kind=kind, d_dict=8, warmup_steps=0, dead_window=100, **options)
-    member = _Member(spec, D, "x", None, torch.device("cpu"))
-    member.step(next(iter(PlantedSource()))["x"], 1e-3)  # Adam state exists, nothing is dead
-    rows = torch.linalg.qr(torch.randn(D, 8, generator=torch.Generator().manual_seed(4)))[0].T
-    rows[6] = F.normalize(rows[2] + 3e-3 * rows[7], dim=0)
-    d = member.dictionary
-    with torch.no_grad():
-        if kind == "tied":
-            d.W.copy_(rows)
-            d.b.zero_()
-        else:
-            d.W_dec.copy_(rows)
-            d.W_enc.copy_(rows.T)
-            d.b_enc.zero_()
-            d.b_dec.zero_()
-    if member.fired is not None:
-        member.fired.copy_(torch.tensor([50, 40, 30, 20, 20, 20, 60, 20]))
-    return member
-
-
-@pytest.mark.parametrize("kind", ["untied", "tied"])
-def test_duplicate_resampling_reinitialises_one_of_a_pair(kind: str) -> None:
-    """Of two near-identical decoder directions, the less active latent is re-initialised (with
-    fresh Adam state) and the more active one kept; the other latents are untouched."""
-    member = duplicate_member(kind, resample_duplicates=0.9)
-    d = member.dictionary
-    before = {name: p.detach().clone() for name, p in d.named_parameters()}
-    assert member.duplicates().tolist() == [False, False, True] + [False] * 5  # 6 fired more
-    assert member.resample(next(iter(PlantedSource(seed=3)))["x"]) == 1
-    changed = (d.decoder_directions != before["W" if kind == "tied" else "W_dec"]).any(1)
-    assert changed.tolist() == [False, False, True] + [False] * 5
-    for name, param in d.named_parameters():  # all other latents keep every parameter
-        axis = 1 if name == "W_enc" else 0
-        if param.ndim == 1 and len(param) != 8:
-            continue  # b_dec
-        keep = torch.tensor([i != 2 for i in range(8)])
-        kept, old = param.detach().index_select(axis, keep.nonzero().squeeze(1)), before[name]
-        assert torch.equal(kept, old.index_select(axis, keep.nonzero().squeeze(1))), name
-    state = member.optimizer.state[d.W if kind == "tied" else d.W_dec]
-    assert not state["exp_avg"][2].any() and state["exp_avg"][6].any()
-    assert member.fired is not None and not member.fired.any()  # counts restart
-    # equal counts: the lower index is kept; blocks of any size give the same answer
-    member = duplicate_member(kind, resample_duplicates=0.9)
-    member.fired.fill_(7)
-    assert member.duplicates().nonzero().squeeze(1).tolist() == [6]
-    assert member.duplicates(max_block=8).nonzero().squeeze(1).tolist() == [6]
-
-
-def test_duplicate_resampling_off_by_default() -> None:
-    """Without `resample_duplicates` (None) the duplicate pair survives resampling and no
-    activations are counted."""
-    member = duplicate_member()
-    assert member.fired is None and member.pool is None
-    before = [p.detach().clone() for p in member.dictionary.parameters()]
-    assert member.resample(next(iter(PlantedSource(seed=3)))["x"]) == 0
-    after = list(member.dictionary.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-
-
-def test_rarely_firing_latents_are_resampled() -> None:
-    """`resample_min_fires=25` re-initialises the latents that fired 20 times, and only those
-    (the duplicate pair is kept: duplicates are not checked)."""
-    member = duplicate_member(resample_min_fires=25)
-    before = member.dictionary.W_dec.detach().clone()
-    assert member.resample(next(iter(PlantedSource(seed=3)))["x"]) == 4
-    changed = (member.dictionary.W_dec != before).any(1)
-    assert changed.tolist() == [False, False, False, True, True, True, False, True]
-
-
-def test_residual_target_finds_the_uncovered_feature() -> None:
-    """Latents 0-5 are features 0-5, latent 6 duplicates latent 2 (and fired more), latent 7
-    duplicates latent 0 (and fired less); the inputs also contain feature 7, which no latent
-    covers. The least-squares residual of those inputs is along feature 7, so both re-initialised
-    latents (2 and 7) land on it, with encoder norm, bias and Adam second moments like the live
-    latents'."""
-    member = duplicate_member(resample_duplicates=0.9, resample_target="residual")
-    d = member.dictionary
-    features = d.W_dec.detach().clone()
-    with torch.no_grad():
-        d.W_dec[7] = d.W_enc[:, 7] = features[0]
-        d.W_enc[:, 3] *= 3.0  # live encoder norms 1, 1, 1, 1, 1, 3: median 1
-    generator = torch.Generator().manual_seed(5)
-    present = torch.tensor([0, 1, 2, 3, 4, 5, 7])
-    active = torch.rand(512, 7, generator=generator) < 0.3
-    x = (torch.rand(512, 7, generator=generator) * active) @ features[present]
-    live = torch.tensor([0, 1, 3, 4, 5, 6])
-    v_live = member.optimizer.state[d.W_dec]["exp_avg_sq"][live].mean(0)
-    assert member.pool is not None and len(member.pool) == 1  # the training batch
-    member.pool.clear()  # resample from x alone
-    assert member.resample(x) == 2
-    assert (d.W_dec[[2, 7]] @ features[7]).min() > 0.999
-    torch.testing.assert_close(d.W_enc[:, [2, 7]].norm(dim=0), torch.ones(2))
-    assert not d.b_enc[[2, 7]].any()  # the live biases are all 0
-    for latent in (2, 7):
-        torch.testing.assert_close(member.optimizer.state[d.W_dec]["exp_avg_sq"][latent], v_live)
-        assert not member.optimizer.state[d.W_dec]["exp_avg"][latent].any()
 
 
 def test_resampling_schedule_revives_dead_features() -> None:
@@ -418,6 +285,10 @@ def test_normalisation_is_folded_into_weights() -> None:
     assert fvu(d, next(iter(Scaled(seed=9, batch=2048)))["x"]) < 0.05
 
 
+def test_trainable_kinds_come_from_the_dictionary_classes() -> None:
+    assert KINDS == ("tied", "untied", "topk")
+
+
 def test_bad_input_raises_user_input_error() -> None:
     with pytest.raises(UserInputError, match="no entry 'y'"):
         train_dictionaries(PlantedSource(), [TrainSpec("y")], 2, progress=False)
@@ -433,3 +304,70 @@ def test_bad_input_raises_user_input_error() -> None:
     ):
         with pytest.raises(UserInputError):
             TrainSpec("x", **bad)
+
+
+# Sums and sums of squares of every trained weight, recorded before the kind-specific parts of
+# the trainer moved onto the dictionary classes (the resampling rules fire at every resampling).
+TRAINED_CHECKSUMS = [
+    {
+        "W_dec": (4.3909044442, 64.0000001749),
+        "W_enc": (7.9126591712, 26.2108249498),
+        "b_enc": (0.0676472149, 0.0087909851),
+        "b_dec": (0.0651745552, 0.0096690069),
+    },
+    {
+        "W_dec": (9.1368297997, 64.0000003739),
+        "W_enc": (0.7934955662, 46.5293872907),
+        "b_enc": (-3.9387379442, 0.2890275577),
+        "b_dec": (0.0, 0.0),
+    },
+    {"W": (0.1075346705, 47.976771739), "b": (-0.6601463822, 0.0085630262)},
+    {"W": (-12.1724079148, 47.8334867551), "b": (-6.6519789472, 0.7124103856)},
+    {
+        "W_dec": (11.8717103271, 64.0000006683),
+        "W_enc": (6.5577143855, 36.4374040396),
+        "b_enc": (-1.0948323801, 0.0193385969),
+        "b_dec": (0.1674340777, 0.0105084134),
+    },
+]
+
+
+def test_trained_weights_are_unchanged() -> None:
+    """Untied (standard and report recipe), tied and top-k dictionaries trained with every
+    resampling rule and target give the recorded weights."""
+    common = dict(
+        d_dict=64, lr=1e-2, l1=0.1, warmup_steps=3, resample_every=6, dead_window=3, seed=1
+    )
+    specs = [
+        TrainSpec("x", noise_std=0.05, normalize=True, resample_min_fires=300, **common),
+        TrainSpec(
+            "x", recipe="report", resample_target="residual", resample_duplicates=0.3, **common
+        ),
+        TrainSpec(
+            "x",
+            kind="tied",
+            normalize=True,
+            resample_duplicates=0.3,
+            resample_min_fires=100,
+            **common,
+        ),
+        TrainSpec("x", kind="tied", resample_target="residual", resample_min_fires=300, **common),
+        TrainSpec(
+            "x",
+            kind="topk",
+            k=3,
+            normalize=True,
+            resample_target="residual",
+            resample_duplicates=0.3,
+            **common,
+        ),
+    ]
+    trained = train_dictionaries(PlantedSource(), specs, 30, progress=False)
+    for d, expected in zip(trained, TRAINED_CHECKSUMS, strict=True):
+        sums = {
+            name: (float(t.double().sum()), float(t.double().pow(2).sum()))
+            for name, t in d.state_dict().items()
+        }
+        assert sums.keys() == expected.keys()
+        for name, values in expected.items():
+            assert sums[name] == pytest.approx(values, rel=1e-6, abs=1e-8), name

@@ -13,28 +13,20 @@
 from sae_circuits.circuits.export import draw, node_link, read_node_link, write_dot
 from sae_circuits.circuits.faithfulness import faithfulness, faithfulness_curve
 from sae_circuits.circuits.feature_graph import feature_circuit
-from sae_circuits.circuits.graph import (
-    METRIC,
-    Circuit,
-    node_id,
-    parse_node,
-    sign_agreement,
-    spearman,
-    verification,
-)
+from sae_circuits.circuits.graph import Circuit, sign_agreement, spearman, verification
 from sae_circuits.circuits.task_graph import METHODS, task_circuit
+from sae_circuits.nodes import METRIC, Node
 
 __all__ = [
     "METHODS",
     "METRIC",
     "Circuit",
+    "Node",
     "draw",
     "faithfulness",
     "faithfulness_curve",
     "feature_circuit",
-    "node_id",
     "node_link",
-    "parse_node",
     "read_node_link",
     "sign_agreement",
     "spearman",

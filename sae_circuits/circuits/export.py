@@ -2,7 +2,7 @@
 
 The picture puts one row per site, in forward order from the bottom, with the metric on top; nodes
 are labelled with their feature index and top tokens, edges drawn with width ∝ |weight| and
-coloured by sign (blue: positive, red: negative). matplotlib is imported only when drawing.
+coloured by sign (blue: positive, red: negative).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import networkx as nx
 
 from sae_circuits.circuits.graph import METRIC
 from sae_circuits.errors import UserInputError
+from sae_circuits.plotting import new_figure
 from sae_circuits.sites import Site
 
 if TYPE_CHECKING:
@@ -145,15 +146,9 @@ def _layout(
 
 def figure(graph: nx.DiGraph, title: str | None = None) -> Any:
     """A matplotlib figure of the graph, one row per site."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserInputError(
-            "drawing needs matplotlib: pip install 'sae-circuits[plots]'"
-        ) from None
     rows = _rows(graph)
     widest = max((len(names) for _, names in rows), default=1)
-    fig = Figure(figsize=(min(4 + 1.3 * widest, 40), 1.0 + 1.6 * len(rows)))
+    fig = new_figure((min(4 + 1.3 * widest, 40), 1.0 + 1.6 * len(rows)))
     ax = fig.subplots()
     pos = _layout(graph, rows, widest)
     widths = _widths(graph)

@@ -13,25 +13,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
 
 import networkx as nx
 import nnsight
 import torch
 
-from sae_circuits.circuits.graph import (
-    Circuit,
-    add_edge,
-    add_node,
-    node_id,
-    parse_node,
-    verification,
-)
+from sae_circuits.batches import from_rows, trace_inputs
+from sae_circuits.circuits.graph import Circuit, add_edge, add_node, verification
 from sae_circuits.errors import UserInputError
 from sae_circuits.features.collect import FeatureStats, collect
-from sae_circuits.models import embedded_model_path
+from sae_circuits.models import is_embedded
+from sae_circuits.nodes import Node
 from sae_circuits.progress import progress_bar
+from sae_circuits.protocols import Model
 from sae_circuits.sites import Site
 from sae_circuits.splice import attached, spliced
 from sae_circuits.text import default_documents, token_batches
@@ -40,7 +34,7 @@ Parents = list[tuple[int, float, float]]  # (upstream feature, exact drop, estim
 
 
 def feature_circuit(
-    model: Any,
+    model: Model,
     target: str,
     depth: int = 3,
     top_k: int = 3,
@@ -54,10 +48,11 @@ def feature_circuit(
     """The tree of upstream features of `target` (`"<site>/<feature>"`, a dictionary spliced there
     and at the sites below), built by exact ablation on its top `contexts` contexts among `tokens`
     tokens of `documents` (default: the embedded model's held-out text, or a built-in sample)."""
-    site, feature = parse_node(target)
+    root = Node.parse(target)
+    site, feature = root.site, root.feature
     if feature is None:
         raise UserInputError("the target must be a feature, e.g. resid.3/1234, not an error node")
-    chain = _chain(model, Site.parse(site), depth)
+    chain = _chain(model, site, depth)
     width = attached(model)[site].d_dict
     if not 0 <= feature < width:
         raise UserInputError(
@@ -66,7 +61,7 @@ def feature_circuit(
     if depth < 1 or top_k < 1 or contexts < 1:
         raise UserInputError("depth, top_k and contexts must be at least 1")
     if documents is None:
-        documents = default_documents(_is_embedded(model))
+        documents = default_documents(is_embedded(model))
     batches = list(token_batches(model.tokenizer, documents, ctx_len, 32, tokens))
     if not batches:
         raise UserInputError("the corpus gave no context of the requested length")
@@ -74,7 +69,7 @@ def feature_circuit(
     start = time.perf_counter()
     graph = nx.DiGraph()
     frontier = [feature]
-    parents: dict[str, Parents] = {}
+    parents: dict[Node, Parents] = {}
     for level, here in enumerate(chain):
         stats = collect(
             model, here, attached(model)[here], batches, frontier, contexts, progress=progress
@@ -86,30 +81,28 @@ def feature_circuit(
         below = chain[level + 1]
         with progress_bar(f"ablating at {below}", len(frontier), enabled=progress) as bar:
             for j, f in enumerate(frontier):
-                parents[node_id(here, f)] = _parents(
-                    model, here, below, f, stats, j, top_k, max_rows
-                )
+                parents[Node(here, f)] = _parents(model, here, below, f, stats, j, top_k, max_rows)
                 bar.advance(0)
-        frontier = sorted({u for f in frontier for u, _, _ in parents[node_id(here, f)]})
+        frontier = sorted({u for f in frontier for u, _, _ in parents[Node(here, f)]})
         if not frontier:
             break
     for child, found in parents.items():
-        below = chain[chain.index(graph.nodes[child]["site"]) + 1]
+        below = chain[chain.index(child.site) + 1]
         for u, exact, estimate in found:
             add_edge(
                 graph,
-                node_id(below, u),
-                child,
+                Node(below, u).id,
+                child.id,
                 weight=exact,
                 weight_exact=exact,
                 weight_attribution=estimate,
             )
-    _set_effects(graph, node_id(site, feature))
-    graph.graph.update(method="ablation", target=node_id(site, feature))
+    _set_effects(graph, root.id)
+    graph.graph.update(method="ablation", target=root.id)
     report = {
         "method": "feature-ablation",
-        "target": node_id(site, feature),
-        "sites": chain,
+        "target": root.id,
+        "sites": [str(s) for s in chain],
         "depth": depth,
         "top_k": top_k,
         "contexts": contexts,
@@ -121,25 +114,21 @@ def feature_circuit(
     return Circuit(graph, report)
 
 
-def _chain(model: Any, site: Site, depth: int) -> list[str]:
+def _chain(model: Model, site: Site, depth: int) -> list[Site]:
     """The target's site and the sites of the same kind below it, `depth` levels or to layer 0."""
     if site.layer is None:
         raise UserInputError(f"feature-rooted graphs need a per-layer site, not {site}")
     layers = range(site.layer, max(site.layer - depth, 0) - 1, -1)
-    chain = [str(Site(site.kind, layer)) for layer in layers]
+    chain = [Site(site.kind, layer) for layer in layers]
     present = attached(model)
-    missing = [s for s in chain if s not in present]
+    missing = [str(s) for s in chain if s not in present]
     if missing or len(chain) < 2:
         raise UserInputError(
-            f"a feature-rooted graph from {site} needs dictionaries at {', '.join(chain)}; "
-            f"missing: {', '.join(missing) or 'a layer below'} (attached: {', '.join(present)})"
+            f"a feature-rooted graph from {site} needs dictionaries at "
+            f"{', '.join(map(str, chain))}; missing: {', '.join(missing) or 'a layer below'} "
+            f"(attached: {', '.join(map(str, present))})"
         )
     return chain
-
-
-def _is_embedded(model: Any) -> bool:
-    name = getattr(model.config, "_name_or_path", "")
-    return bool(name) and Path(name).resolve() == embedded_model_path().resolve()
 
 
 def _contexts(stats: FeatureStats, j: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,9 +141,9 @@ def _contexts(stats: FeatureStats, j: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _parents(
-    model: Any,
-    site: str,
-    below: str,
+    model: Model,
+    site: Site,
+    below: Site,
     feature: int,
     stats: FeatureStats,
     j: int,
@@ -167,8 +156,8 @@ def _parents(
     n = len(positions)
     if n == 0:
         return []
-    mask = rows >= 0
-    inputs = {"input_ids": rows.clamp_min(0), "attention_mask": mask.long()}
+    ids, mask = from_rows(rows)
+    inputs = trace_inputs(ids, mask)
     at = torch.arange(n)
     with model.trace(inputs) as tracer:
         upstream = spliced(model, below).features.output
@@ -193,9 +182,9 @@ def _parents(
 
 
 def _ablation_drops(
-    model: Any,
-    site: str,
-    below: str,
+    model: Model,
+    site: Site,
+    below: Site,
     feature: int,
     inputs: dict[str, torch.Tensor],
     positions: torch.Tensor,
@@ -224,15 +213,14 @@ def _ablation_drops(
 
 
 def _add_feature(
-    graph: nx.DiGraph, model: Any, site: str, feature: int, stats: FeatureStats, j: int
+    graph: nx.DiGraph, model: Model, site: Site, feature: int, stats: FeatureStats, j: int
 ) -> None:
     values = stats.top_values[j]
     found = torch.isfinite(values) & (values > 0)
     tokens = list(dict.fromkeys(stats.top_tokens[j][found].tolist()))[:3]
     add_node(
         graph,
-        site,
-        feature,
+        Node(site, feature),
         mean_activation=float(stats.token_mass[j].sum()) / max(stats.positions, 1),
         top_activation=float(values[found].mean()) if found.any() else 0.0,
         label=" ".join(repr(model.tokenizer.decode([t])) for t in tokens),

@@ -1,6 +1,7 @@
 """Circuit graphs: node ids and attributes, agreement statistics, and the `Circuit` result object.
 
-Node ids are `"<site>/<feature>"`, `"<site>/error"` and `"metric"`. Node attributes: `kind`
+Node ids are those of `sae_circuits.nodes.Node` (`"<site>/<feature>"`, `"<site>/error"`) and
+`"metric"`. Node attributes: `kind`
 ("feature", "error", "metric", "target"), `site`, `layer` (-1 for `embed` and the metric), `feature`
 (-1 for error and metric nodes), `mean_activation`, `effect`, `label` (top tokens), plus the two
 measurements behind `effect`: `effect_attribution` (gradient estimate) and `effect_exact` (exact
@@ -17,39 +18,20 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from sae_circuits.errors import UserInputError
-from sae_circuits.sites import Site
-
-METRIC = "metric"
-ERROR = "error"
+from sae_circuits.nodes import ERROR, METRIC, Node
 
 
-def node_id(site: str, feature: int | None) -> str:
-    """`"<site>/<feature>"`, or `"<site>/error"` for `feature=None`."""
-    return f"{site}/{ERROR if feature is None else int(feature)}"
-
-
-def parse_node(text: str) -> tuple[str, int | None]:
-    """(site, feature index or None for the error node) of a node id like `resid.3/1234`."""
-    site, _, feature = text.strip().rpartition("/")
-    if not site or not (feature.isdigit() or feature == ERROR):
-        raise UserInputError(f"bad node {text!r}: expected <site>/<feature index>, e.g. resid.3/12")
-    return str(Site.parse(site)), None if feature == ERROR else int(feature)
-
-
-def add_node(graph: nx.DiGraph, site: str, feature: int | None, **attrs: Any) -> str:
+def add_node(graph: nx.DiGraph, node: Node, **attrs: Any) -> str:
     """Add a feature or error node with the standard attributes; returns its id."""
-    name = node_id(site, feature)
-    parsed = Site.parse(site)
     graph.add_node(
-        name,
-        kind="feature" if feature is not None else ERROR,
-        site=site,
-        layer=-1 if parsed.layer is None else int(parsed.layer),
-        feature=-1 if feature is None else int(feature),
+        node.id,
+        kind=ERROR if node.is_error else "feature",
+        site=str(node.site),
+        layer=-1 if node.site.layer is None else int(node.site.layer),
+        feature=-1 if node.is_error else int(node.feature),
         **_clean(attrs),
     )
-    return name
+    return node.id
 
 
 def add_metric_node(graph: nx.DiGraph, **attrs: Any) -> str:

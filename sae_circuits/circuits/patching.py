@@ -1,128 +1,60 @@
-"""Batched nnsight runs over a task with dictionaries spliced at several sites.
+"""Gradients, attribution and exact patching of circuit nodes over a tokenised task.
 
-Clean and corrupted values, gradients of the metric (plain or integrated), attribution of edges,
-exact single-node patching and mean ablation. A node of a site is an *extended index*: `i < F` is
-feature `i`, `i == F` the site's error term, so per-site vectors of length `F + 1` hold a number for
-every node. Metrics are means over the task's prompts; gradients are of that mean. Candidates and
-circuits are stacked as chunks of rows (the prompts repeated), so one forward serves many of them.
+Runs go through `sae_circuits.engine` (the task tokenised once, `read`, `edited`). Inside, the
+numbers of one site's nodes are a `NodeValues`: a vector of the site's features followed by its
+error term, indexed by `Node`; this module is the only place that knows that layout. Metrics are
+means over the task's prompts; gradients are of that mean. Candidates and circuits are stacked as
+copies of the prompts, so one forward serves many of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import nnsight
 import torch
 
+from sae_circuits.engine import SiteEdit, TaskTokens, Values, edited
 from sae_circuits.errors import UserInputError
+from sae_circuits.nodes import Node
 from sae_circuits.progress import progress_bar
-from sae_circuits.sites import torch_module
+from sae_circuits.protocols import Model
+from sae_circuits.sites import Site
 from sae_circuits.splice import spliced
 
-Node = tuple[str, int]  # (site, extended index)
+
+@dataclass(frozen=True)
+class NodeValues:
+    """A number for every node of one site: `values[:-1]` for the features, `values[-1]` for the
+    error term."""
+
+    site: Site
+    values: torch.Tensor  # (F + 1,)
+
+    def __getitem__(self, node: Node) -> float:
+        return float(self.values[self.index(node)])
+
+    def index(self, node: Node) -> int:
+        if node.site != self.site:
+            raise UserInputError(f"node {node} is not at {self.site}")
+        return len(self.values) - 1 if node.feature is None else node.feature
+
+    def items(self) -> Iterator[tuple[Node, float]]:
+        """(node, value) for every node with a non-zero value, features first."""
+        width = len(self.values) - 1
+        for i in self.values.nonzero().flatten().tolist():
+            yield Node(self.site, None if i == width else i), float(self.values[i])
 
 
-class TaskLike(Protocol):
-    """What circuit discovery needs from a task (`sae_circuits.tasks.Task` fits): clean and
-    corrupted prompts (strings, or token ids) of equal token length per pair, and a per-prompt
-    metric on logits. An optional attribute `groups` (one label per pair, e.g. its template) says
-    which prompts have aligned positions."""
-
-    clean: Sequence[str] | torch.Tensor
-    corrupt: Sequence[str] | torch.Tensor
-
-    def metric(self, logits: torch.Tensor) -> torch.Tensor: ...
+def _summed(site: Site, features: torch.Tensor, error: torch.Tensor) -> NodeValues:
+    """Sum `(B, T, F)` and `(B, T, D)` products over rows and positions into node values."""
+    return NodeValues(site, torch.cat([features.sum((0, 1)), error.sum().reshape(1)]))
 
 
-@dataclass
-class TaskInputs:
-    """A task tokenised for the model: `clean`/`corrupt` hold `input_ids` and `attention_mask`."""
-
-    clean: dict[str, torch.Tensor]
-    corrupt: dict[str, torch.Tensor]
-    metric: Callable[[torch.Tensor], torch.Tensor]
-    groups: torch.Tensor  # (n,) index of each prompt's group: same label and same token length
-
-    @property
-    def n(self) -> int:
-        return int(self.clean["input_ids"].shape[0])
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.clean["attention_mask"].bool()
-
-
-def task_inputs(model: Any, task: TaskLike) -> TaskInputs:
-    """Tokenise a task's prompts (left-padded) and check that clean and corrupted rows align."""
-    device = next(torch_module(model).parameters()).device
-
-    def encode(prompts: Sequence[str] | torch.Tensor) -> dict[str, torch.Tensor]:
-        if isinstance(prompts, torch.Tensor):
-            ids = prompts
-            mask = torch.ones_like(ids)
-        else:
-            batch = model.tokenizer(list(prompts), return_tensors="pt", padding=True)
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-    clean, corrupt = encode(task.clean), encode(task.corrupt)
-    if clean["input_ids"].shape != corrupt["input_ids"].shape or not torch.equal(
-        clean["attention_mask"], corrupt["attention_mask"]
-    ):
-        raise UserInputError(
-            "clean and corrupted prompts must have equal token lengths, pair by pair"
-        )
-    n = clean["input_ids"].shape[0]
-    if n == 0:
-        raise UserInputError("the task has no prompts")
-    labels = getattr(task, "groups", None) or [""] * n
-    if len(labels) != n:
-        raise UserInputError(f"the task has {len(labels)} group labels for {n} prompts")
-    keys = list(zip(labels, clean["attention_mask"].sum(1).tolist(), strict=True))
-    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
-    groups = torch.tensor([index[key] for key in keys], device=device)
-    return TaskInputs(clean, corrupt, task.metric, groups)
-
-
-@dataclass
-class Values:
-    """Features `(B, T, F)` and error `(B, T, D)` of every site in one run, and the metric `(B,)`."""
-
-    features: dict[str, torch.Tensor]
-    errors: dict[str, torch.Tensor]
-    metric: torch.Tensor | None = None
-
-
-def _repeat(inputs: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    return {key: value.repeat(k, 1) for key, value in inputs.items()}
-
-
-def _chunk_metric(metric: Callable, logits: torch.Tensor, k: int) -> torch.Tensor:
-    """(k,) mean metric of each chunk of rows."""
-    return torch.stack([metric(part).float().mean() for part in logits.chunk(k)])
-
-
-def run(
-    model: Any, inputs: Mapping[str, torch.Tensor], metric: Callable, sites: list[str]
-) -> Values:
-    """Features, errors and metric of an unedited run."""
-    with torch.no_grad(), model.trace(dict(inputs)):
-        saved = nnsight.save(
-            [(spliced(model, s).features.output, spliced(model, s).error.output) for s in sites]
-        )
-        m = nnsight.save(metric(model.output.logits).float())
-    return Values(
-        {s: f for s, (f, _) in zip(sites, saved, strict=True)},
-        {s: e for s, (_, e) in zip(sites, saved, strict=True)},
-        m,
-    )
-
-
-def gradients(model: Any, task: TaskInputs, sites: list[str]) -> Values:
+def gradients(model: Model, task: TaskTokens, sites: Sequence[Site]) -> Values:
     """Gradients of the mean metric w.r.t. every site's features and error, at the corrupted input."""
-    with model.trace(dict(task.corrupt)):
+    with model.trace(task.corrupt.inputs()):
         hooks = [spliced(model, s) for s in sites]
         tensors = [t for h in hooks for t in (h.features.output, h.error.output)]
         total = task.metric(model.output.logits).float().mean()
@@ -134,107 +66,121 @@ def gradients(model: Any, task: TaskInputs, sites: list[str]) -> Values:
 
 
 def integrated_gradients(
-    model: Any, task: TaskInputs, sites: list[str], clean: Values, corrupt: Values, steps: int
+    model: Model,
+    task: TaskTokens,
+    sites: Sequence[Site],
+    clean: Values,
+    corrupt: Values,
+    steps: int,
 ) -> Values:
     """Gradients averaged over `steps` points corrupt + α (clean − corrupt), α = 0, 1/steps, ...,
     each site interpolated on its own (the other sites respond freely); one trace per site."""
     alphas = torch.arange(steps, dtype=torch.float32) / steps
-    out = Values({}, {})
+    n = len(task)
+    out = Values()
     for site in sites:
-        rows = alphas.repeat_interleave(task.n).to(task.mask.device)[:, None, None]
-        f0, e0 = (
-            corrupt.features[site].repeat(steps, 1, 1),
-            corrupt.errors[site].repeat(steps, 1, 1),
-        )
+        rows = alphas.repeat_interleave(n).to(task.mask.device)[:, None, None]
+        f0 = corrupt.features[site].repeat(steps, 1, 1)
+        e0 = corrupt.errors[site].repeat(steps, 1, 1)
         df = clean.features[site].repeat(steps, 1, 1) - f0
         de = clean.errors[site].repeat(steps, 1, 1) - e0
-        with model.trace(_repeat(task.corrupt, steps)):
+        with model.trace(task.corrupt.repeat(steps).inputs()):
             f = (f0 + rows * df).requires_grad_(True)
             e = (e0 + rows * de).requires_grad_(True)
             hook = spliced(model, site)
             hook.features.output = f
             hook.error.output = e
-            total = _chunk_metric(task.metric, model.output.logits, steps).sum()
-            grads = nnsight.save([g.detach() for g in torch.autograd.grad(total, [f, e])])
-        out.features[site] = grads[0].view(steps, task.n, *f0.shape[1:]).mean(0)
-        out.errors[site] = grads[1].view(steps, task.n, *e0.shape[1:]).mean(0)
+            logits = model.output.logits
+            total = torch.stack([task.metric(part).float().mean() for part in logits.chunk(steps)])
+            grads = nnsight.save([g.detach() for g in torch.autograd.grad(total.sum(), [f, e])])
+        out.features[site] = grads[0].view(steps, n, *f0.shape[1:]).mean(0)
+        out.errors[site] = grads[1].view(steps, n, *e0.shape[1:]).mean(0)
     return out
 
 
-def extended(features: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
-    """Sum `(B, T, F)` and `(B, T, D)` products over rows and positions into an `(F + 1,)` vector."""
-    return torch.cat([features.sum((0, 1)), error.sum()[None]])
-
-
-def node_attribution(grads: Values, clean: Values, corrupt: Values, site: str) -> torch.Tensor:
-    """(F + 1,) attribution patching estimate grad · (clean − corrupt) of each node of `site`."""
-    return extended(
+def node_attribution(grads: Values, clean: Values, corrupt: Values, site: Site) -> NodeValues:
+    """Attribution patching estimate grad · (clean − corrupt) of each node of `site`."""
+    return _summed(
+        site,
         grads.features[site] * (clean.features[site] - corrupt.features[site]),
         grads.errors[site] * (clean.errors[site] - corrupt.errors[site]),
     )
 
 
+def node_linear(grads: Values, values: Values, site: Site) -> NodeValues:
+    """Linearised effect Σ grad · value of each node of `site`."""
+    return _summed(
+        site,
+        grads.features[site] * values.features[site],
+        grads.errors[site] * values.errors[site],
+    )
+
+
 def edge_attribution(
-    model: Any,
-    task: TaskInputs,
-    sites: list[str],
+    model: Model,
+    task: TaskTokens,
+    sites: Sequence[Site],
     clean: Values,
     corrupt: Values,
     grads: Values,
-    downstream: Mapping[str, Sequence[int]],
-) -> dict[Node, torch.Tensor]:
-    """For each downstream node (site D, index j): the `(F_U + 1,)` estimate of its edges from the
-    previous site U, the gradient of D's linearised effect Σ grad_j · value_j w.r.t. U's nodes times
+    downstream: Sequence[Node],
+) -> dict[Node, NodeValues]:
+    """For each downstream node (at site D): the estimate of its edges from every node of the
+    previous site U, the gradient of D's linearised effect Σ grad · value w.r.t. U's nodes times
     U's clean − corrupt difference. One forward, then one backward per downstream node."""
     previous = dict(zip(sites[1:], sites[:-1], strict=True))
-    needed = [s for s in sites if s in downstream or s in {previous.get(d) for d in downstream}]
-    jobs = [(d, j) for d in sites if d in downstream for j in downstream[d]]
+    jobs = [node for node in downstream if node.site in previous]
     if not jobs:
         return {}
-    with model.trace(dict(task.corrupt)) as tracer:
+    needed = sorted({node.site for node in jobs} | {previous[node.site] for node in jobs})
+    with model.trace(task.corrupt.inputs()) as tracer:
         live = {}
         for s in needed:
             hook = spliced(model, s)
             live[s] = (hook.features.output, hook.error.output)
         results = []
-        for d, j in jobs:
-            f_d, e_d = live[d]
-            if j < f_d.shape[-1]:
-                linear = (grads.features[d][..., j] * f_d[..., j]).sum()
+        for node in jobs:
+            f_d, e_d = live[node.site]
+            if node.is_error:
+                linear = (grads.errors[node.site] * e_d).sum()
             else:
-                linear = (grads.errors[d] * e_d).sum()
-            u = previous[d]
+                linear = (
+                    grads.features[node.site][..., node.feature] * f_d[..., node.feature]
+                ).sum()
+            u = previous[node.site]
             if linear.requires_grad:
                 g_f, g_e = torch.autograd.grad(
                     linear, live[u], retain_graph=True, allow_unused=True, materialize_grads=True
                 )
             else:  # a feature inactive everywhere: no path back
                 g_f, g_e = torch.zeros_like(live[u][0]), torch.zeros_like(live[u][1])
-            results.append(
-                extended(
-                    g_f * (clean.features[u] - corrupt.features[u]),
-                    g_e * (clean.errors[u] - corrupt.errors[u]),
-                ).detach()
+            effect = _summed(
+                u,
+                g_f * (clean.features[u] - corrupt.features[u]),
+                g_e * (clean.errors[u] - corrupt.errors[u]),
             )
+            results.append(effect.values.detach())
         results = nnsight.save(results)
         tracer.stop()
-    return dict(zip(jobs, results, strict=True))
+    return {
+        node: NodeValues(previous[node.site], values)
+        for node, values in zip(jobs, results, strict=True)
+    }
 
 
 @dataclass
 class PatchResult:
-    """Exact single-node patching: per candidate the change of the mean metric, and the `(F_D + 1,)`
-    change of the linearised effect Σ grad · value of every node of the next site D (None at the
-    last site)."""
+    """Exact single-node patching: per candidate the change of the mean metric, and the change of
+    the linearised effect Σ grad · value of every node of the next site (None at the last site)."""
 
     metric: torch.Tensor
-    downstream: list[torch.Tensor | None]
+    downstream: list[NodeValues | None]
 
 
 def exact_patching(
-    model: Any,
-    task: TaskInputs,
-    sites: list[str],
+    model: Model,
+    task: TaskTokens,
+    sites: Sequence[Site],
     clean: Values,
     corrupt: Values,
     grads: Values,
@@ -243,10 +189,10 @@ def exact_patching(
     progress: bool = True,
 ) -> PatchResult:
     """Patch each candidate's clean value (at every position) into the corrupted run, alone.
-    Candidates are stacked as chunks of rows, `max_rows // n_prompts` per forward."""
-    per_trace = max(1, max_rows // task.n)
+    Candidates are stacked as copies of the prompts, `max_rows // n_prompts` per forward."""
+    per_trace = max(1, max_rows // len(task))
     metric_changes: list[torch.Tensor] = []
-    downstream: list[torch.Tensor | None] = []
+    downstream: list[NodeValues | None] = []
     with (
         torch.no_grad(),
         progress_bar("exact patching", len(candidates), enabled=progress) as bar,
@@ -261,32 +207,36 @@ def exact_patching(
 
 
 def _patch_chunk(
-    model: Any,
-    task: TaskInputs,
-    sites: list[str],
+    model: Model,
+    task: TaskTokens,
+    sites: Sequence[Site],
     clean: Values,
     corrupt: Values,
     grads: Values,
     chunk: list[Node],
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    k, n = len(chunk), task.n
+) -> tuple[torch.Tensor, list[NodeValues | None]]:
+    """One forward of `len(chunk)` copies of the corrupted prompts, copy c with node `chunk[c]`
+    patched: the mean metric per copy, and the linearised effects at each patched node's next site.
+
+    Patching writes single feature columns by index (not `engine.edited`'s full masks), which keeps
+    memory at one copy of the features for hundreds of candidates."""
+    k, n = len(chunk), len(task)
     batch_rows = torch.arange(n, device=task.mask.device)
-    nxt = dict(zip(sites[:-1], sites[1:], strict=True))
-    measured = {nxt[s] for s, _ in chunk if s in nxt}
-    with model.trace(_repeat(task.corrupt, k)):
+    following = dict(zip(sites[:-1], sites[1:], strict=True))
+    measured = {following[node.site] for node in chunk if node.site in following}
+    with model.trace(task.corrupt.repeat(k).inputs()):
         linear = {}
         for site in sites:
             hook = spliced(model, site)
-            width = clean.features[site].shape[-1]
-            here = [(c, i) for c, (s, i) in enumerate(chunk) if s == site]
+            here = [(c, node) for c, node in enumerate(chunk) if node.site == site]
             f = hook.features.output
             if site in measured:
-                g = grads.features[site]
-                linear[site] = (f.view(k, n, *f.shape[1:]) * g).sum((1, 2))
-            feats = [(c, i) for c, i in here if i < width]
-            if feats:
-                rows = torch.cat([c * n + batch_rows for c, _ in feats])
-                idx = torch.tensor([i for _, i in feats], device=rows.device).repeat_interleave(n)
+                linear[site] = (f.view(k, n, *f.shape[1:]) * grads.features[site]).sum((1, 2))
+            features = [(c, node.feature) for c, node in here if not node.is_error]
+            if features:
+                rows = torch.cat([c * n + batch_rows for c, _ in features])
+                idx = torch.tensor([i for _, i in features], device=rows.device)
+                idx = idx.repeat_interleave(n)
                 f = f.clone()
                 f[rows, :, idx] = clean.features[site][rows % n, :, idx]
                 hook.features.output = f
@@ -294,77 +244,70 @@ def _patch_chunk(
             if site in measured:
                 err = (e.view(k, n, *e.shape[1:]) * grads.errors[site]).sum((1, 2, 3))
                 linear[site] = torch.cat([linear[site], err[:, None]], 1)
-            errs = [c for c, i in here if i == width]
-            if errs:
-                rows = torch.cat([c * n + batch_rows for c in errs])
+            errors = [c for c, node in here if node.is_error]
+            if errors:
+                rows = torch.cat([c * n + batch_rows for c in errors])
                 e = e.clone()
                 e[rows] = clean.errors[site][rows % n]
                 hook.error.output = e
-        m = nnsight.save(_chunk_metric(task.metric, model.output.logits, k))
+        logits = model.output.logits
+        m = nnsight.save(
+            torch.stack([task.metric(part).float().mean() for part in logits.chunk(k)])
+        )
         linear = nnsight.save(linear)
-    down: list[torch.Tensor | None] = []
-    for c, (s, _) in enumerate(chunk):
-        d = nxt.get(s)
+    down: list[NodeValues | None] = []
+    for c, node in enumerate(chunk):
+        d = following.get(node.site)
         if d is None:
             down.append(None)
             continue
-        base = node_linear(grads, corrupt, d)
-        down.append(linear[d][c] - base)
+        base = node_linear(grads, corrupt, d).values
+        down.append(NodeValues(d, linear[d][c] - base))
     return m, down
 
 
-def node_linear(grads: Values, values: Values, site: str) -> torch.Tensor:
-    """(F + 1,) linearised effect Σ grad · value of each node of `site`."""
-    return extended(
-        grads.features[site] * values.features[site], grads.errors[site] * values.errors[site]
-    )
-
-
-def position_means(values: Values, mask: torch.Tensor, groups: torch.Tensor) -> Values:
-    """Per-position means of every site's features and error over the prompts of each group (real
-    tokens only), given per prompt: `(B, T, ·)` tensors whose row b holds the means of b's group."""
-    one_hot = torch.nn.functional.one_hot(groups).to(mask.device, torch.float32)  # (B, G)
-    weights = one_hot[:, :, None] * mask.float()[:, None, :]  # (B, G, T)
-    count = weights.sum(0).clamp_min(1)  # (G, T)
-
-    def means(x: torch.Tensor) -> torch.Tensor:
-        per_group = torch.einsum("bgt,bt...->gt...", weights, x.float())
-        per_group = per_group / count.view(*count.shape, *[1] * (x.dim() - 2))
-        return per_group[groups]
-
-    return Values(
-        {s: means(f) for s, f in values.features.items()},
-        {s: means(e) for s, e in values.errors.items()},
-    )
-
-
 def mean_ablated_metric(
-    model: Any,
-    task: TaskInputs,
-    sites: list[str],
+    model: Model,
+    task: TaskTokens,
+    sites: Sequence[Site],
     means: Values,
-    keeps: Sequence[Mapping[str, torch.Tensor]],
+    circuits: Sequence[Iterable[Node]],
     max_rows: int = 256,
 ) -> torch.Tensor:
-    """(len(keeps),) mean metric on the clean prompts with, at every site, the nodes outside
-    `keep[site]` (a boolean `(F + 1,)` vector) set to their mean (`means`: per prompt, from
-    `position_means`)."""
-    per_trace = max(1, max_rows // task.n)
+    """(len(circuits),) mean metric on the clean prompts with, at every site, the nodes outside
+    each circuit set to their mean (`means`: per prompt, e.g. `engine.mean_per_position`)."""
+    widths = {s: means.features[s].shape[-1] for s in sites}
+    keeps = [keep_vectors(nodes, widths) for nodes in circuits]
+    per_trace = max(1, max_rows // len(task))
     out = []
-    with torch.no_grad():
-        for start in range(0, len(keeps), per_trace):
-            chunk = list(keeps[start : start + per_trace])
-            k = len(chunk)
-            with model.trace(_repeat(task.clean, k)):
-                for site in sites:
-                    keep = torch.stack([c[site] for c in chunk]).repeat_interleave(task.n, 0)
-                    if bool(keep.all()):
-                        continue
-                    hook = spliced(model, site)
-                    f, f_mean = hook.features.output, means.features[site].repeat(k, 1, 1)
-                    hook.features.output = torch.where(keep[:, None, :-1], f, f_mean)
-                    e, e_mean = hook.error.output, means.errors[site].repeat(k, 1, 1)
-                    hook.error.output = torch.where(keep[:, -1, None, None], e, e_mean)
-                m = nnsight.save(_chunk_metric(task.metric, model.output.logits, k))
-            out.append(m)
+    for start in range(0, len(keeps), per_trace):
+        copies = [_ablation_edits(keep, means) for keep in keeps[start : start + per_trace]]
+        metric = edited(model, task.clean, copies, task.metric).metric
+        out.append(metric.mean(1))
     return torch.cat(out)
+
+
+def keep_vectors(nodes: Iterable[Node], widths: Mapping[Site, int]) -> dict[Site, torch.Tensor]:
+    """A boolean `(F + 1,)` vector per site: which of its nodes (features, then error) are kept."""
+    keep = {s: torch.zeros(w + 1, dtype=torch.bool) for s, w in widths.items()}
+    for node in nodes:
+        if node.site not in keep:
+            raise UserInputError(
+                f"node {node} is not at a spliced site ({', '.join(map(str, widths))})"
+            )
+        keep[node.site][widths[node.site] if node.is_error else node.feature] = True
+    return keep
+
+
+def _ablation_edits(keep: Mapping[Site, torch.Tensor], means: Values) -> dict[Site, SiteEdit]:
+    """Edits that set every node outside `keep` to its mean (sites keeping everything: none)."""
+    return {
+        site: SiteEdit(
+            ~keep[site][:-1],
+            means.features[site],
+            ~keep[site][-1:].reshape(1, 1, 1),
+            means.errors[site],
+        )
+        for site in keep
+        if not bool(keep[site].all())
+    }

@@ -17,21 +17,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import networkx as nx
-import torch
 
+from sae_circuits import engine
 from sae_circuits.circuits import patching as P
 from sae_circuits.circuits.faithfulness import faithfulness_curve
-from sae_circuits.circuits.graph import (
-    METRIC,
-    Circuit,
-    add_edge,
-    add_metric_node,
-    add_node,
-    node_id,
-    verification,
-)
+from sae_circuits.circuits.graph import Circuit, add_edge, add_metric_node, add_node, verification
 from sae_circuits.circuits.labels import top_tokens
+from sae_circuits.engine import TaskLike, TaskTokens, Values
 from sae_circuits.errors import UserInputError
+from sae_circuits.nodes import METRIC, Node
+from sae_circuits.protocols import Model
 from sae_circuits.sites import Site
 from sae_circuits.splice import attached
 
@@ -40,9 +35,9 @@ DEFAULT_SIZES = (5, 10, 20, 50, 100, 200)
 
 
 def task_circuit(
-    model: Any,
-    task: P.TaskLike,
-    sites: Sequence[str] | None = None,
+    model: Model,
+    task: TaskLike,
+    sites: Sequence[str | Site] | None = None,
     method: str = "attribution",
     node_threshold: float = 0.0,
     max_nodes: int | None = 100,
@@ -66,11 +61,11 @@ def task_circuit(
     if steps < 1:
         raise UserInputError("steps must be at least 1")
     sites = _sites(model, sites)
-    inputs = P.task_inputs(model, task)
+    inputs = engine.task_tokens(model, task)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    clean = P.run(model, inputs.clean, inputs.metric, sites)
-    corrupt = P.run(model, inputs.corrupt, inputs.metric, sites)
+    clean = engine.read(model, inputs.clean, sites, inputs.metric)
+    corrupt = engine.read(model, inputs.corrupt, sites, inputs.metric)
     grads = P.gradients(model, inputs, sites)
     node_grads = (
         grads if steps == 1 else P.integrated_gradients(model, inputs, sites, clean, corrupt, steps)
@@ -78,8 +73,8 @@ def task_circuit(
     attribution = {s: P.node_attribution(node_grads, clean, corrupt, s) for s in sites}
     timings["attribution_nodes_s"] = time.perf_counter() - start
 
-    exact_nodes: dict[P.Node, float] = {}
-    exact_down: dict[P.Node, torch.Tensor | None] = {}
+    exact_nodes: dict[Node, float] = {}
+    exact_down: dict[Node, P.NodeValues | None] = {}
     if method == "ablation":
         start = time.perf_counter()
         candidates = _candidates(clean, corrupt, sites)
@@ -91,16 +86,14 @@ def task_circuit(
         timings["exact_nodes_and_edges_s"] = time.perf_counter() - start
         scores = exact_nodes
     else:
-        scores = {(s, i): float(v) for s in sites for i, v in enumerate(attribution[s]) if v != 0}
+        scores = {node: value for s in sites for node, value in attribution[s].items()}
     kept = _select(scores, node_threshold, max_nodes)
 
-    edge_attr: dict[P.Node, torch.Tensor] = {}
+    edge_attr: dict[Node, P.NodeValues] = {}
     if method == "attribution" or verify:
         start = time.perf_counter()
-        downstream = {s: sorted(i for t, i in kept if t == s) for s in sites[1:]}
-        edge_attr = P.edge_attribution(
-            model, inputs, sites, clean, corrupt, grads, {s: v for s, v in downstream.items() if v}
-        )
+        downstream = sorted(node for node in kept if node.site != sites[0])
+        edge_attr = P.edge_attribution(model, inputs, sites, clean, corrupt, grads, downstream)
         timings["attribution_edges_s"] = time.perf_counter() - start
     if method == "attribution" and verify:
         start = time.perf_counter()
@@ -114,13 +107,13 @@ def task_circuit(
     graph = _build_graph(
         method, sites, kept, attribution, exact_nodes, edge_attr, exact_down, edge_threshold
     )
-    _annotate(model, graph, inputs, clean)
+    _annotate(model, graph, kept, inputs, clean)
     m_clean, m_corrupt = float(clean.metric.mean()), float(corrupt.metric.mean())
     graph.nodes[METRIC].update(effect=m_clean - m_corrupt, effect_exact=m_clean - m_corrupt)
     report: dict[str, Any] = {
         "method": method,
-        "sites": sites,
-        "prompts": inputs.n,
+        "sites": [str(s) for s in sites],
+        "prompts": len(inputs),
         "metric_clean": m_clean,
         "metric_corrupt": m_corrupt,
         "node_threshold": node_threshold,
@@ -133,7 +126,7 @@ def task_circuit(
     }
     if sizes is not None:
         start = time.perf_counter()
-        ranking = [node_id(s, None if i == _width(clean, s) else i) for s, i in _ranked(scores)]
+        ranking = _ranked(scores)
         grid = sorted({n for n in sizes if n < len(ranking)} | {len(kept), len(ranking)})
         report["faithfulness"] = faithfulness_curve(model, task, ranking, grid, sites, max_rows)
         timings["faithfulness_s"] = time.perf_counter() - start
@@ -141,109 +134,104 @@ def task_circuit(
     return Circuit(graph, report)
 
 
-def _sites(model: Any, sites: Sequence[str] | None) -> list[str]:
+def _sites(model: Model, sites: Sequence[str | Site] | None) -> list[Site]:
     present = attached(model)
     if not present:
         raise UserInputError("no dictionaries are spliced into the model: attach some first")
     if sites is None:
         return list(present)
-    names = [str(Site.parse(s)) for s in sites]
-    missing = [s for s in names if s not in present]
+    parsed = sorted({Site.parse(s) for s in sites})
+    missing = [str(s) for s in parsed if s not in present]
     if missing:
         raise UserInputError(
-            f"no dictionary is attached at {', '.join(missing)}; attached: {', '.join(present)}"
+            f"no dictionary is attached at {', '.join(missing)}; "
+            f"attached: {', '.join(map(str, present))}"
         )
-    return sorted(dict.fromkeys(names), key=lambda s: Site.parse(s).order)
+    return parsed
 
 
-def _width(values: P.Values, site: str) -> int:
-    return int(values.features[site].shape[-1])
-
-
-def _candidates(clean: P.Values, corrupt: P.Values, sites: list[str]) -> list[P.Node]:
+def _candidates(clean: Values, corrupt: Values, sites: list[Site]) -> list[Node]:
     """Every feature whose clean and corrupted values differ somewhere, and every error term."""
-    out: list[P.Node] = []
+    out: list[Node] = []
     for s in sites:
         differs = (clean.features[s] != corrupt.features[s]).any(1).any(0)
-        out += [(s, int(i)) for i in differs.nonzero().flatten()] + [(s, _width(clean, s))]
+        out += [Node(s, int(i)) for i in differs.nonzero().flatten()] + [Node(s, None)]
     return out
 
 
-def _ranked(scores: dict[P.Node, float]) -> list[P.Node]:
+def _ranked(scores: dict[Node, float]) -> list[Node]:
     return sorted(scores, key=lambda node: -abs(scores[node]))
 
 
-def _select(scores: dict[P.Node, float], threshold: float, limit: int | None) -> list[P.Node]:
+def _select(scores: dict[Node, float], threshold: float, limit: int | None) -> list[Node]:
     kept = [node for node in _ranked(scores) if abs(scores[node]) >= threshold and scores[node]]
     return kept[:limit] if limit is not None else kept
 
 
 def _build_graph(
     method: str,
-    sites: list[str],
-    kept: list[P.Node],
-    attribution: dict[str, torch.Tensor],
-    exact_nodes: dict[P.Node, float],
-    edge_attr: dict[P.Node, torch.Tensor],
-    exact_down: dict[P.Node, torch.Tensor | None],
+    sites: list[Site],
+    kept: list[Node],
+    attribution: dict[Site, P.NodeValues],
+    exact_nodes: dict[Node, float],
+    edge_attr: dict[Node, P.NodeValues],
+    exact_down: dict[Node, P.NodeValues | None],
     edge_threshold: float,
 ) -> nx.DiGraph:
     graph = nx.DiGraph()
     add_metric_node(graph)
-    names = {}
-    for s, i in kept:
-        est, exact = float(attribution[s][i]), exact_nodes.get((s, i))
-        error = i == len(attribution[s]) - 1
-        names[s, i] = add_node(
+    for node in kept:
+        estimate, exact = attribution[node.site][node], exact_nodes.get(node)
+        add_node(
             graph,
-            s,
-            None if error else i,
-            effect=est if method == "attribution" else exact,
-            effect_attribution=est,
+            node,
+            effect=estimate if method == "attribution" else exact,
+            effect_attribution=estimate,
             effect_exact=exact,
         )
     previous = dict(zip(sites[1:], sites[:-1], strict=True))
-    for (d, j), name in names.items():
-        if d == sites[-1]:
-            node = graph.nodes[name]
+    for d in kept:
+        if d.site == sites[-1]:
+            data = graph.nodes[d.id]
             add_edge(
                 graph,
-                name,
+                d.id,
                 METRIC,
-                weight=node["effect"],
-                weight_attribution=node["effect_attribution"],
-                weight_exact=node.get("effect_exact"),
+                weight=data["effect"],
+                weight_attribution=data["effect_attribution"],
+                weight_exact=data.get("effect_exact"),
             )
-        if d not in previous:
+        if d.site not in previous:
             continue
-        for u, i in kept:
-            if u != previous[d]:
+        for u in kept:
+            if u.site != previous[d.site]:
                 continue
-            est = float(edge_attr[d, j][i]) if (d, j) in edge_attr else None
-            down = exact_down.get((u, i))
-            exact = float(down[j]) if down is not None else None
-            weight = est if method == "attribution" else exact
+            estimate = edge_attr[d][u] if d in edge_attr else None
+            down = exact_down.get(u)
+            exact = down[d] if down is not None else None
+            weight = estimate if method == "attribution" else exact
             if weight is not None and weight != 0 and abs(weight) >= edge_threshold:
                 add_edge(
                     graph,
-                    names[u, i],
-                    name,
+                    u.id,
+                    d.id,
                     weight=weight,
-                    weight_attribution=est,
+                    weight_attribution=estimate,
                     weight_exact=exact,
                 )
     return graph
 
 
-def _annotate(model: Any, graph: nx.DiGraph, inputs: P.TaskInputs, clean: P.Values) -> None:
+def _annotate(
+    model: Model, graph: nx.DiGraph, kept: list[Node], inputs: TaskTokens, clean: Values
+) -> None:
     """Mean activation over the clean prompts' tokens, and a label of top tokens."""
-    mask = inputs.mask
-    ids = inputs.clean["input_ids"]
-    for _, data in graph.nodes(data=True):
-        if data["kind"] != "feature":
-            if data["kind"] == "error":
-                data["label"] = "error"
+    mask, ids = inputs.mask, inputs.clean.input_ids
+    for node in kept:
+        data = graph.nodes[node.id]
+        if node.is_error:
+            data["label"] = "error"
             continue
-        acts = clean.features[data["site"]][..., data["feature"]]
+        acts = clean.features[node.site][..., node.feature]
         data["mean_activation"] = float(acts[mask].mean())
         data["label"] = top_tokens(model.tokenizer, ids, acts, mask)

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from sae_circuits.cli.common import add_json_argument, console, print_json
 from sae_circuits.errors import UserInputError
+from sae_circuits.models import EMBEDDED_MODEL_NAME, embedded_model_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sae_circuits.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
     from sae_circuits.embedded.build import build_model
     from sae_circuits.embedded.evaluate import QUALITY_BAR
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--seed must be >= 0, got {args.seed}")
     if args.steps is not None and args.steps < 1:
         raise UserInputError(f"--steps must be >= 1, got {args.steps}")
-    out = args.out if args.out is not None else embedded_model_dir()
+    out = args.out if args.out is not None else embedded_model_path()
     overrides = {} if args.steps is None else {"steps": args.steps}
     record = build_model(out, seed=args.seed, **overrides)
     result = {

@@ -4,16 +4,18 @@ feature (recursive exact ablation), verified, with faithfulness, written as JSON
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
-from rich.table import Table
-
-from sae_circuits.circuits import METHODS, Circuit, feature_circuit, parse_node, task_circuit
+from sae_circuits.circuits import METHODS, feature_circuit, task_circuit
 from sae_circuits.cli.common import add_json_argument, add_model_argument, console, print_json
+from sae_circuits.cli.tables import circuit_table
 from sae_circuits.dictionary import CONFIG_FILE, Dictionary, load_dictionaries
 from sae_circuits.errors import UserInputError
 from sae_circuits.models import load_model
-from sae_circuits.sites import Site
+from sae_circuits.nodes import Node
+from sae_circuits.protocols import Model
+from sae_circuits.sites import Site, SiteMap
 from sae_circuits.splice import attach
 from sae_circuits.tasks import TASKS, Task, load_task
 from sae_circuits.text import read_documents
@@ -93,16 +95,17 @@ def run(args: argparse.Namespace) -> int:
         )
         name = "circuit_" + Path(args.task).stem
     else:
-        site = Site.parse(parse_node(args.feature)[0])
+        target = Node.parse(args.feature)
+        site = target.site
         if site.layer is None:
             raise UserInputError(f"--feature needs a per-layer site, not {site}")
         low = max(site.layer - args.depth, 0)
-        chain = [str(Site(site.kind, layer)) for layer in range(low, site.layer + 1)]
+        chain = [Site(site.kind, layer) for layer in range(low, site.layer + 1)]
         attach(model, circuit_dictionaries(args.dictionaries, chain, args.device))
         documents = read_documents(args.text) if args.text else None
         circuit = feature_circuit(
             model,
-            args.feature,
+            target,
             depth=args.depth,
             top_k=args.top_k,
             documents=documents,
@@ -111,52 +114,39 @@ def run(args: argparse.Namespace) -> int:
             contexts=args.contexts,
             progress=progress,
         )
-        name = "circuit_" + args.feature.replace("/", "_")
+        name = "circuit_" + target.id.replace("/", "_")
     files = circuit.save(args.out, name) if args.out else []
     if args.json:
         print_json(circuit.summary(files))
     else:
-        console.print(summary_table(circuit))
+        console.print(circuit_table(circuit))
         for path in files:
             console.print(f"wrote {path}")
     return 0
 
 
-def _task(args: argparse.Namespace, model) -> Task:
+def _task(args: argparse.Namespace, model: Model) -> Task:
     if Path(args.task).suffix == ".json":
         return Task.from_json(args.task, model)
     return load_task(args.task, model, corruption=args.corruption, n=args.prompts)
 
 
-def circuit_dictionaries(
-    source: str, sites: list[str] | None, device: str
-) -> dict[str, Dictionary]:
+def circuit_dictionaries(source: str, sites: Sequence[str | Site] | None, device: str) -> SiteMap:
     """Dictionaries at `sites` (default: the resid sites) from a shipped set or a folder."""
     folder = Path(source)
     if folder.is_dir():
         present = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
-        wanted = present if sites is None else [str(Site.parse(s)) for s in sites]
-        missing = [s for s in wanted if s not in present]
+        wanted = [Site.parse(site) for site in (present if sites is None else sites)]
+        missing = [str(site) for site in wanted if str(site) not in present]
         if missing:
             raise UserInputError(f"{folder} has no dictionary at {', '.join(missing)}")
-        found = {s: Dictionary.load(folder / s, device=device) for s in wanted}
+        found = SiteMap(
+            (site, Dictionary.load(folder / str(site), device=device)) for site in wanted
+        )
     else:
-        wanted = None if sites is None else [str(Site.parse(s)) for s in sites]
-        found = load_dictionaries(source, sites=wanted, device=device)
+        found = load_dictionaries(source, sites=sites, device=device)
     if sites is None:
-        found = {s: d for s, d in found.items() if Site.parse(s).kind == "resid"}
+        found = SiteMap((site, d) for site, d in found.items() if site.kind == "resid")
     if not found:
         raise UserInputError(f"no resid dictionaries in {source}; name --sites")
     return found
-
-
-def summary_table(circuit: Circuit) -> Table:
-    """Sizes, verification and the faithfulness curve as a rich table."""
-    summary = circuit.summary()
-    table = Table(title=f"circuit ({circuit.report.get('method')})", show_header=False)
-    table.add_row("nodes / edges", f"{summary['nodes']} / {summary['edges']}")
-    for key, value in summary["verification"].items():
-        table.add_row(f"verification {key}", "-" if value is None else f"{value:.3f}")
-    for point in summary["faithfulness"]:
-        table.add_row(f"faithfulness, {point['nodes']} nodes", f"{point['faithfulness']:.3f}")
-    return table

@@ -5,24 +5,44 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rich.console import Console
 
-from sae_circuits.training import RESAMPLE_TARGETS
+from sae_circuits.dictionary import Dictionary, load_dictionaries
+from sae_circuits.errors import UserInputError
+from sae_circuits.nodes import Node
+from sae_circuits.options import add_options
+from sae_circuits.sites import Site
+from sae_circuits.training import TrainSpec
 
 # Progress and tables go to stderr so that `--json` output on stdout stays machine-readable.
 console = Console(stderr=True)
 
 
+def json_text(obj: Any) -> str:
+    """`obj` as an indented JSON document; sites and nodes, also as keys, in their text form."""
+    return json.dumps(_text_keys(obj), indent=2, default=_json_default)
+
+
 def print_json(obj: Any) -> None:
     """Write one JSON document to stdout."""
-    json.dump(obj, sys.stdout, indent=2, default=_json_default)
-    sys.stdout.write("\n")
+    sys.stdout.write(json_text(obj) + "\n")
     sys.stdout.flush()
 
 
+def _text_keys(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k) if isinstance(k, Site | Node) else k: _text_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_text_keys(v) for v in obj]
+    return obj
+
+
 def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Site | Node):
+        return str(obj)
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if hasattr(obj, "__fspath__"):
@@ -45,41 +65,26 @@ def add_json_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_resampling_arguments(
+def add_spec_options(
     parser: argparse.ArgumentParser,
-    *,
-    duplicates: float | None = None,
-    min_fires: int = 0,
-    target: str = "input",
+    template: TrainSpec,
+    names: Iterable[str],
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    notes: Mapping[str, str] | None = None,
 ) -> None:
-    """`--resample-duplicates`, `--resample-min-fires` and `--resample-target` (what else is
-    re-initialised at each dead-feature resampling, and towards what), with these defaults."""
-    parser.add_argument(
-        "--resample-duplicates",
-        type=_cosine_or_none,
-        default=duplicates,
-        metavar="COS",
-        help="at each resampling, also re-initialise latents whose decoder direction has cosine "
-        f">= COS with a more active latent (default {duplicates or 'off'}; 0, none or off: off)",
-    )
-    parser.add_argument(
-        "--resample-min-fires",
-        type=int,
-        default=min_fires,
-        metavar="N",
-        help="at each resampling, also re-initialise latents that fired fewer than N times since "
-        f"the previous one (default {min_fires or 'off'}; 0: off)",
-    )
-    parser.add_argument(
-        "--resample-target",
-        choices=RESAMPLE_TARGETS,
-        default=target,
-        help="re-initialise towards least-squares residuals of recent inputs (residual) or "
-        f"towards badly reconstructed inputs (input) (default {target})",
+    """`--<field>` options for the `TrainSpec` fields `names`, defaults from `template`, in an
+    argument group of their own (`overrides` and `notes` as in `options.add_options`)."""
+    group = parser.add_argument_group("training (TrainSpec fields)")
+    add_options(
+        group,
+        template,
+        names,
+        {**_SPEC_PARSERS, **(overrides or {})},
+        {**_SPEC_NOTES, **(notes or {})},
     )
 
 
-def _cosine_or_none(text: str) -> float | None:
+def _cosine_or_off(text: str) -> float | None:
     """`--resample-duplicates`: a cosine in (0, 1], or 0 / none / off for off."""
     if text.strip().lower() in ("none", "off"):
         return None
@@ -94,3 +99,23 @@ def _cosine_or_none(text: str) -> float | None:
             f"the cosine must be in (0, 1], or 0 / none / off: {text!r}"
         )
     return value
+
+
+_SPEC_PARSERS = {"resample_duplicates": {"type": _cosine_or_off}}
+_SPEC_NOTES = {"resample_duplicates": "0, none or off: off"}
+
+
+def load_dictionary_argument(args: argparse.Namespace) -> tuple[Site, Dictionary]:
+    """The (site, dictionary) named by --dictionary/--dictionaries and --site (text or a Site)."""
+    if args.dictionaries:
+        if not args.site:
+            raise UserInputError("--dictionaries needs --site")
+        site = Site.parse(args.site)
+        return site, load_dictionaries(args.dictionaries, sites=[site], device=args.device)[site]
+    dictionary = Dictionary.load(args.dictionary, device=args.device)
+    site = args.site or dictionary.config.site
+    if not site:
+        raise UserInputError(
+            f"{args.dictionary} does not name a site in our grammar; pass --site (e.g. resid.2)"
+        )
+    return Site.parse(site), dictionary

@@ -3,30 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from sae_circuits.circuits import task_circuit
-from sae_circuits.circuits.graph import parse_node
-from sae_circuits.cli.circuit_cmd import summary_table
-from sae_circuits.cli.common import add_json_argument, console, print_json
-from sae_circuits.cli.eval_cmd import metrics_table
-from sae_circuits.cli.ioi_cmd import plot_curves, restore_table
+from sae_circuits.circuits import Circuit, task_circuit
+from sae_circuits.cli.common import add_json_argument, console, json_text, print_json
+from sae_circuits.cli.tables import circuit_table, metrics_table, restore_table
 from sae_circuits.dictionary import load_dictionaries
 from sae_circuits.evaluation import METRIC_KEYS, evaluate
 from sae_circuits.features import inspect_features
-from sae_circuits.interventions import compare_bases
 from sae_circuits.interventions import run as run_task
 from sae_circuits.models import load_model
+from sae_circuits.nodes import METRIC, Node
+from sae_circuits.patching_curves import compare_bases
+from sae_circuits.plotting import patching_curves
+from sae_circuits.sites import Site
 from sae_circuits.splice import attach, detach
 from sae_circuits.tasks import load_task
 from sae_circuits.text import default_documents, token_batches
 
-QUALITY_SITES = ("resid.1", "mlp.1")
-PATCH_SITE = "resid.2"
-CIRCUIT_SITES = ("resid.0", "resid.1", "resid.2", "resid.3")
+QUALITY_SITES = (Site.parse("resid.1"), Site.parse("mlp.1"))
+PATCH_SITE = Site.parse("resid.2")
+CIRCUIT_SITES = tuple(Site.parse(f"resid.{layer}") for layer in range(4))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,9 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a one-minute tour on the embedded model",
         description=(
             "On the embedded model and its shipped dictionaries: IOI performance, the quality of "
-            f"two dictionaries ({', '.join(QUALITY_SITES)}), an IOI feature-patching curve at "
-            f"{PATCH_SITE} against PCA and neurons, the IOI circuit over the residual stream "
-            "(faithfulness and verification of its edges), and one inspected feature. Writes "
+            f"two dictionaries ({', '.join(map(str, QUALITY_SITES))}), an IOI feature-patching "
+            f"curve at {PATCH_SITE} against PCA and neurons, the IOI circuit over the residual "
+            "stream (faithfulness and verification of its edges), and one inspected feature. Writes "
             "JSON, PNG and graph files to --out."
         ),
     )
@@ -84,32 +83,32 @@ def run(args: argparse.Namespace) -> int:
     result["patching"] = {name: c.restored for name, c in curves[PATCH_SITE].items()}
     console.print(restore_table(curves, 20))
     files = [_write_json(out / "patching.json", result["patching"])]
-    files += _optional_plot(lambda path: plot_curves(curves, path), out / "patching.png")
+    files.append(patching_curves(curves, out / "patching.png"))
 
     console.rule("[bold]4. The IOI circuit over the residual stream")
     attach(model, load_dictionaries("main", sites=list(CIRCUIT_SITES)))
     try:
         circuit = task_circuit(model, test, max_nodes=40, sizes=(5, 10, 20, 40))
-        console.print(summary_table(circuit))
-        files += circuit.save(out, "circuit_ioi", png=_has_matplotlib())
+        console.print(circuit_table(circuit))
+        files += circuit.save(out, "circuit_ioi")
     finally:
         detach(model)
     result["circuit"] = circuit.summary()
 
     console.rule("[bold]5. One feature of the circuit, inspected")
-    site, feature = _top_feature(circuit)
+    node = _top_feature(circuit)
     (report,) = inspect_features(
         model,
-        site,
-        load_dictionaries("main", sites=[site])[site],
+        node.site,
+        load_dictionaries("main", sites=[node.site])[node.site],
         batches,
-        [feature],
+        [node.feature],
         top_k=8,
         total_batches=len(batches),
     )
     console.print(report)
     result["feature"] = report.to_json()
-    files += _optional_plot(report.save_png, out / "feature.png")
+    files.append(report.save_png(out / "feature.png"))
 
     result["seconds"] = time.perf_counter() - start
     files.append(_write_json(out / "demo.json", result))
@@ -122,35 +121,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _top_feature(circuit) -> tuple[str, int]:
+def _top_feature(circuit: Circuit) -> Node:
     """The feature node (not an error node) with the largest |effect|."""
-    features = [n for n in circuit.graph.nodes if "/" in n and not n.endswith("/error")]
+    features = [n for n in circuit.graph.nodes if n != METRIC and not Node.parse(n).is_error]
     ranked = sorted(
         features,
         key=lambda n: -abs(circuit.graph.nodes[n].get("effect", 0.0)),
     )
-    site, feature = parse_node(ranked[0])
-    return site, feature
+    return Node.parse(ranked[0])
 
 
 def _write_json(path: Path, obj: Any) -> Path:
-    path.write_text(json.dumps(obj, indent=2, default=str))
+    path.write_text(json_text(obj))
     return path
-
-
-def _has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _optional_plot(draw, path: Path) -> list[Path]:
-    if not _has_matplotlib():
-        console.print(
-            f"(matplotlib not installed: skipped {path.name}; pip install 'sae-circuits[plots]')"
-        )
-        return []
-    draw(path)
-    return [path]

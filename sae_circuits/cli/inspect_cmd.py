@@ -8,11 +8,17 @@ import math
 
 from rich.table import Table
 
-from sae_circuits.cli.common import add_json_argument, add_model_argument, console, print_json
-from sae_circuits.cli.eval_cmd import load_dictionary_argument
+from sae_circuits.cli.common import (
+    add_json_argument,
+    add_model_argument,
+    console,
+    load_dictionary_argument,
+    print_json,
+)
 from sae_circuits.errors import UserInputError
 from sae_circuits.features import compare_with_neurons, feature_frequencies, inspect_features
-from sae_circuits.models import load_model
+from sae_circuits.models import is_embedded, load_model
+from sae_circuits.nodes import Node
 from sae_circuits.sites import Site
 from sae_circuits.text import default_documents, read_documents, token_batches
 
@@ -57,18 +63,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def parse_target(text: str) -> tuple[str, int | None]:
-    """`resid.2/123` -> ("resid.2", 123); `resid.2` -> ("resid.2", None)."""
-    site, slash, feature = text.partition("/")
+def parse_target(text: str) -> Node | Site:
+    """`resid.2/123` -> a feature `Node`; `resid.2` -> a `Site`."""
+    _, slash, feature = text.rpartition("/")
     if not slash:
-        return str(Site.parse(site)), None
+        return Site.parse(text)
     if not feature.isdigit():
         raise UserInputError(f"bad feature {text!r}: expected SITE/INDEX, e.g. resid.2/123")
-    return str(Site.parse(site)), int(feature)
+    return Node.parse(text)
 
 
 def run(args: argparse.Namespace) -> int:
-    site, feature = parse_target(args.target)
+    target = parse_target(args.target)
+    site, feature = (target.site, target.feature) if isinstance(target, Node) else (target, None)
     if feature is None and not (args.frequencies or args.vs_neurons):
         raise UserInputError("name a feature (e.g. resid.2/123) or pass --frequencies/--vs-neurons")
     if feature is not None and (args.frequencies or args.vs_neurons):
@@ -87,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             f"0..{dictionary.d_dict - 1}"
         )
     model = load_model(args.model, device=args.device)
-    documents = read_documents(args.text) if args.text else default_documents(args.model is None)
+    documents = read_documents(args.text) if args.text else default_documents(is_embedded(model))
     batches = token_batches(model.tokenizer, documents, args.ctx_len, args.batch_size, args.tokens)
     total = math.ceil(args.tokens / (args.ctx_len * args.batch_size))
     if args.vs_neurons:
@@ -114,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _comparison_table(site: str, result: dict[str, dict[str, float]]) -> Table:
+def _comparison_table(site: Site, result: dict[str, dict[str, float]]) -> Table:
     table = Table(title=f"features vs. neurons at {site} (top activations on one token)")
     keys = list(next(iter(result.values())))
     table.add_column("basis")

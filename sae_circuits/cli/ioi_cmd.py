@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-from rich.table import Table
 
 from sae_circuits.cli.common import add_json_argument, add_model_argument, console, print_json
+from sae_circuits.cli.tables import restore_table
 from sae_circuits.dictionary import load_dictionaries
 from sae_circuits.errors import UserInputError
-from sae_circuits.interventions import PatchingCurve, compare_bases
-from sae_circuits.models import load_model, model_name
+from sae_circuits.models import is_embedded, load_model, model_name
+from sae_circuits.patching_curves import compare_bases
+from sae_circuits.plotting import patching_curves
 from sae_circuits.sites import Site
 from sae_circuits.tasks import CORRUPTIONS, load_task
-
-SHARES = (0.5, 0.8)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,13 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.max_features < 1 or args.n_prompts < 1:
         raise UserInputError("--max-features and --n-prompts must be at least 1")
-    if args.plot:
-        _check_matplotlib()
+    sites = [Site.parse(site) for site in args.site] if args.site else None
     model = load_model(args.model, device=args.device)
-    shipped_for = None if args.model is None else model_name(model)
-    sites = [str(Site.parse(site)) for site in args.site] if args.site else None
+    shipped_for = None if is_embedded(model) else model_name(model)
     dictionaries = load_dictionaries(args.dictionaries, sites, shipped_for, args.device)
-    order = sorted(dictionaries, key=lambda site: Site.parse(site).order)
     train = load_task("ioi", model, args.corruption, args.n_prompts, args.seed, "train")
     test = load_task("ioi", model, args.corruption, args.n_prompts, args.seed, "heldout")
     curves = {
@@ -74,16 +68,16 @@ def run(args: argparse.Namespace) -> int:
             train,
             test,
             site,
-            dictionaries[site],
+            dictionary,
             args.max_features,
             args.ranking,
             args.positions,
             args.seed,
             progress=True,
         )
-        for site in order
+        for site, dictionary in dictionaries.items()
     }
-    any_curve = next(iter(curves[order[0]].values()))
+    any_curve = next(iter(next(iter(curves.values())).values()))
     if args.json:
         print_json(
             {
@@ -102,63 +96,6 @@ def run(args: argparse.Namespace) -> int:
         )
         console.print(restore_table(curves, args.max_features))
     if args.plot:
-        plot_curves(curves, Path(args.plot))
+        patching_curves(curves, args.plot)
         console.print(f"wrote {args.plot}")
     return 0
-
-
-def restore_table(curves: dict[str, dict[str, PatchingCurve]], max_features: int) -> Table:
-    """Per site and basis: the k needed to restore 50% and 80% of the gap, and the end of the curve."""
-    table = Table(title="directions patched to restore the IOI gap (- : not within K)")
-    for column in ("site", "basis", "k for 50%", "k for 80%", f"restored at K={max_features}"):
-        table.add_column(column, justify="left" if column in ("site", "basis") else "right")
-    table.add_column("KL at K", justify="right")
-    for site, by_basis in curves.items():
-        for name, curve in by_basis.items():
-            ks = [curve.k_to_restore(share) for share in SHARES]
-            table.add_row(
-                site,
-                name,
-                *(str(k) if k is not None else "-" for k in ks),
-                f"{curve.restored[-1]:.3g}",
-                f"{curve.kl[-1]:.3g}",
-            )
-        table.add_section()
-    return table
-
-
-def plot_curves(curves: dict[str, dict[str, PatchingCurve]], path: Path) -> None:
-    """One column per site: restored share (top) and KL to the clean output (bottom) against k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(curves)
-    figure, axes = plt.subplots(2, n, figsize=(3.2 * n, 5.6), squeeze=False, sharex=True)
-    for column, (site, by_basis) in enumerate(curves.items()):
-        top, bottom = axes[0, column], axes[1, column]
-        for name, curve in by_basis.items():
-            ks = range(1, len(curve.restored) + 1)
-            style = {"linewidth": 2.2 if name == "sae" else 1.3, "label": name}
-            top.plot(ks, curve.restored, **style)
-            bottom.plot(ks, curve.kl, **style)
-        for share in SHARES:
-            top.axhline(share, color="grey", linewidth=0.6, linestyle=":")
-        top.set_title(site)
-        bottom.set_xlabel("k directions patched")
-        bottom.set_yscale("log")
-    axes[0, 0].set_ylabel("share of IOI gap restored")
-    axes[1, 0].set_ylabel("KL(clean ‖ patched)")
-    axes[0, 0].legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def _check_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserInputError("--plot needs matplotlib: pip install 'sae-circuits[plots]'") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,33 +12,35 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from sae_circuits.cli.common import (
-    add_json_argument,
-    add_resampling_arguments,
-    console,
-    print_json,
-)
+from sae_circuits.cli.common import add_json_argument, add_spec_options, console, print_json
+from sae_circuits.options import field_help, option_values
 from sae_circuits.toy import (
-    DEFAULT_DECAY_START,
     DEFAULT_L1S,
-    DEFAULT_LR,
     DEFAULT_RATIOS,
-    DEFAULT_RESAMPLE_DUPLICATES,
-    DEFAULT_RESAMPLE_EVERY,
-    DEFAULT_RESAMPLE_MIN_FIRES,
-    DEFAULT_RESAMPLE_TARGET,
     DEFAULT_STEPS,
     HEATMAPS,
+    TOY_SPEC,
     SweepResult,
     ToyConfig,
     ToyData,
     plot_heatmaps,
-    require_matplotlib,
     select,
     sweep,
 )
-from sae_circuits.training import RECIPES
+from sae_circuits.training import TrainSpec
 
+# TrainSpec fields set by options of their own name (the grid spans --l1 and --ratios)
+SPEC_OPTIONS = (
+    "lr",
+    "decay_start",
+    "resample_every",
+    "resample_duplicates",
+    "resample_min_fires",
+    "resample_target",
+    "dead_window",
+    "recipe",
+    "seed",
+)
 METHOD_TITLES = {
     "dead": "largest (size, L1) without dead features",
     "ssll": "smallest SSLL",
@@ -62,7 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--n-active", type=float, default=5.0, help="mean active features (default 5)"
     )
     parser.add_argument(
-        "--l1", type=float, nargs="+", default=list(DEFAULT_L1S), help="L1 coefficients α"
+        "--l1",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_L1S),
+        help=f"{field_help(TrainSpec, 'l1')} α (default: {' '.join(map(str, DEFAULT_L1S))})",
     )
     parser.add_argument(
         "--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS), help="dictionary sizes / G"
@@ -70,52 +77,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training batches")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
-        "--lr", type=float, default=DEFAULT_LR, help=f"Adam learning rate (default {DEFAULT_LR:g})"
-    )
-    parser.add_argument(
-        "--decay-start",
-        type=float,
-        default=DEFAULT_DECAY_START,
-        help="linear LR decay to 0 from this fraction of the steps "
-        f"(default {DEFAULT_DECAY_START:g}; the report: 1, no decay)",
-    )
-    parser.add_argument(
-        "--resample-every",
-        type=int,
-        default=DEFAULT_RESAMPLE_EVERY,
-        help="re-initialise dead latents every N steps, never within the dead window of the end "
-        f"(default {DEFAULT_RESAMPLE_EVERY}; 0: never, as in the report)",
-    )
-    add_resampling_arguments(
-        parser,
-        duplicates=DEFAULT_RESAMPLE_DUPLICATES,
-        min_fires=DEFAULT_RESAMPLE_MIN_FIRES,
-        target=DEFAULT_RESAMPLE_TARGET,
-    )
-    parser.add_argument(
         "--threads",
         type=int,
         default=1,
         help="torch CPU threads (default 1: the matrices are small, extra threads help little)",
     )
     parser.add_argument(
-        "--dead-window", type=int, default=500, help="T: dead if silent for T batches"
-    )
-    parser.add_argument(
-        "--recipe", choices=RECIPES, default="report", help="loss and initialisation"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
         "--out", type=Path, default=None, help="write heatmap PNGs and results.json here"
     )
     add_json_argument(parser)
+    add_spec_options(
+        parser,
+        TOY_SPEC,
+        SPEC_OPTIONS,
+        notes={
+            "decay_start": "the report: 1, no decay",
+            "resample_every": "never within the dead window of the end; 0: never, as in the report",
+            "seed": "also of the synthetic data",
+        },
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.out is not None:
-        require_matplotlib()  # fail before training, not after
     torch.set_num_threads(args.threads)
+    options = option_values(args, SPEC_OPTIONS)
+    options["resample_every"] = options["resample_every"] or None
     data = ToyData(ToyConfig(h=args.h, g=args.g, n_active=args.n_active, seed=args.seed))
     result = sweep(
         data,
@@ -123,15 +110,7 @@ def run(args: argparse.Namespace) -> int:
         ratios=args.ratios,
         steps=args.steps,
         batch_size=args.batch_size,
-        dead_window=args.dead_window,
-        recipe=args.recipe,
-        lr=args.lr,
-        decay_start=args.decay_start,
-        resample_every=args.resample_every or None,
-        resample_duplicates=args.resample_duplicates,
-        resample_min_fires=args.resample_min_fires,
-        resample_target=args.resample_target,
-        seed=args.seed,
+        template=replace(TOY_SPEC, **options),
     )
     selected = select(result)
     for name, title in HEATMAPS.items():

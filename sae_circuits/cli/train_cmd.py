@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +14,38 @@ from rich.table import Table
 from sae_circuits.cli.common import (
     add_json_argument,
     add_model_argument,
-    add_resampling_arguments,
+    add_spec_options,
     console,
     print_json,
 )
 from sae_circuits.errors import UserInputError
 from sae_circuits.evaluation import METRIC_KEYS
-from sae_circuits.models import load_model
-from sae_circuits.pipeline import train_and_evaluate, training_documents
+from sae_circuits.models import is_embedded, load_model
+from sae_circuits.options import field_help, option_values
+from sae_circuits.pipeline import train_and_evaluate
 from sae_circuits.sites import Site
-from sae_circuits.text import default_documents
+from sae_circuits.text import default_documents, read_documents, training_documents
 from sae_circuits.training import TrainSpec
+
+# The defaults of `train`, where they differ from TrainSpec's: a shorter warm-up and dead window.
+TRAIN_DEFAULTS = TrainSpec(key="", warmup_steps=200, dead_window=500)
+# TrainSpec fields set by options of their own name (d_dict and l1 span the grid: --dict-size, --l1)
+SPEC_OPTIONS = (
+    "kind",
+    "sparsity",
+    "k",
+    "lr",
+    "warmup_steps",
+    "decay_start",
+    "resample_every",
+    "dead_window",
+    "resample_duplicates",
+    "resample_min_fires",
+    "resample_target",
+    "noise_std",
+    "normalize",
+    "seed",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,41 +62,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_argument(parser)
     parser.add_argument("--site", action="append", required=True, help="site (repeatable)")
-    parser.add_argument("--kind", default="untied", choices=("untied", "tied", "topk"))
     parser.add_argument(
-        "--dict-size", type=int, action="append", help="dictionary size (repeatable; default 4096)"
+        "--dict-size",
+        type=int,
+        action="append",
+        help=f"{field_help(TrainSpec, 'd_dict')} (repeatable; default {TRAIN_DEFAULTS.d_dict})",
     )
     parser.add_argument(
-        "--l1", type=float, action="append", help="sparsity coefficient (repeatable; default 1e-3)"
+        "--l1",
+        type=float,
+        action="append",
+        help=f"{field_help(TrainSpec, 'l1')} (repeatable; default {TRAIN_DEFAULTS.l1:g})",
     )
-    parser.add_argument("--sparsity", default="l1", choices=("l1", "entropy"))
-    parser.add_argument("--k", type=int, help="active features per input for --kind topk")
     parser.add_argument("--tokens", type=int, default=2_000_000, help="training activations")
     parser.add_argument("--batch-size", type=int, default=1024, help="activations per step")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup-steps", type=int, default=200)
-    parser.add_argument("--decay-start", type=float, help="start of linear LR decay (fraction)")
-    parser.add_argument("--resample-every", type=int, help="resample dead features every N steps")
-    parser.add_argument("--dead-window", type=int, default=500, help="steps without firing = dead")
-    add_resampling_arguments(parser)
-    parser.add_argument("--normalize", action="store_true", help="normalise activation scale")
-    parser.add_argument("--noise-std", type=float, default=0.0, help="denoising input noise")
     parser.add_argument("--ctx-len", type=int, default=128)
     parser.add_argument("--n-ctxs", type=int, default=256, help="contexts held in the buffer")
     parser.add_argument("--text", help=".txt/.jsonl training text (default: the model's corpus)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for eval")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument(
         "--fp16", action="store_true", help="store weights in float16 (loading gives float32)"
     )
     parser.add_argument("--out", required=True, help="output folder")
     add_json_argument(parser)
+    add_spec_options(
+        parser,
+        TRAIN_DEFAULTS,
+        SPEC_OPTIONS,
+        {"sparsity": {"choices": ("l1", "entropy")}},  # topk goes with --kind topk
+        {"seed": "also of the text order and the buffer's shuffling"},
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    sites = [str(Site.parse(site)) for site in args.site]
+    sites = [Site.parse(site) for site in args.site]
     if len(set(sites)) != len(sites):
         raise UserInputError("a site is given twice")
     if args.tokens < args.batch_size:
@@ -84,46 +107,31 @@ def run(args: argparse.Namespace) -> int:
     if not args.resample_every and (
         args.resample_duplicates is not None
         or args.resample_min_fires
-        or args.resample_target != TrainSpec.resample_target
+        or args.resample_target != TRAIN_DEFAULTS.resample_target
     ):
         raise UserInputError(
             "--resample-duplicates, --resample-min-fires and --resample-target act at each "
             "resampling: give --resample-every too"
         )
-    sizes = args.dict_size or [4096]
-    l1s = args.l1 or [1e-3]
+    options = option_values(args, SPEC_OPTIONS)
+    if args.kind == "topk":
+        options["sparsity"] = "topk"
     specs = [
-        TrainSpec(
-            key=site,
-            kind=args.kind,
-            d_dict=size,
-            l1=l1,
-            sparsity="topk" if args.kind == "topk" else args.sparsity,
-            k=args.k,
-            lr=args.lr,
-            warmup_steps=args.warmup_steps,
-            decay_start=args.decay_start,
-            resample_every=args.resample_every,
-            resample_duplicates=args.resample_duplicates,
-            resample_min_fires=args.resample_min_fires,
-            resample_target=args.resample_target,
-            dead_window=args.dead_window,
-            noise_std=args.noise_std,
-            normalize=args.normalize,
-            seed=args.seed,
+        replace(TRAIN_DEFAULTS, key=str(site), d_dict=size, l1=l1, **options)
+        for site, size, l1 in itertools.product(
+            sites, args.dict_size or [TRAIN_DEFAULTS.d_dict], args.l1 or [TRAIN_DEFAULTS.l1]
         )
-        for site, size, l1 in itertools.product(sites, sizes, l1s)
     ]
     model = load_model(args.model, device=args.device)
     for site in sites:
-        Site.parse(site).resolve(model)
-    embedded = args.model is None
+        site.resolve(model)
+    embedded = is_embedded(model)
     saved = train_and_evaluate(
         model,
         specs,
         args.tokens,
         Path(args.out),
-        training_documents(embedded, args.text, args.seed),
+        read_documents(args.text) if args.text else training_documents(embedded, args.seed),
         default_documents(embedded),
         batch_size=args.batch_size,
         ctx_len=args.ctx_len,

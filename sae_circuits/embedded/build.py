@@ -25,17 +25,17 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from sae_circuits.embedded.corpus import corpus_recipe, iter_corpus
+from sae_circuits.corpus import corpus_recipe, iter_corpus
 from sae_circuits.embedded.evaluate import (
     evaluate_ioi,
     evaluate_model,
     evaluate_sva,
     quality_checks,
 )
-from sae_circuits.embedded.task_text import single_token_words
 from sae_circuits.embedded.tokenizer import EOS, save_tokenizer, to_transformers, train_tokenizer
 from sae_circuits.errors import UserInputError
 from sae_circuits.progress import new_progress
+from sae_circuits.task_text import single_token_words
 
 
 @dataclass(frozen=True)

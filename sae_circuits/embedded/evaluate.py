@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from sae_circuits.embedded.corpus import stdlib_documents
-from sae_circuits.embedded.task_text import ioi_examples, sva_examples
+from sae_circuits.corpus import stdlib_documents
 from sae_circuits.errors import UserInputError
+from sae_circuits.task_text import ioi_examples, sva_examples
 
 
 def token_id(tokenizer: Any, word: str) -> int:

@@ -14,14 +14,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from sae_circuits.buffer import TokenBatch, _positions_to_keep, _split
+from sae_circuits.batches import TokenBatch, scored_positions, split_batch, trace_inputs
 from sae_circuits.dictionary import Dictionary
 from sae_circuits.errors import UserInputError
 from sae_circuits.progress import progress_bar
+from sae_circuits.protocols import Model
 from sae_circuits.sites import Site
 from sae_circuits.splice import spliced, temporarily_attached
 
@@ -36,7 +36,7 @@ class FeatureStats:
     [0, `hist_upper`), `token_mass` (F, V) summed activation per token.
     """
 
-    site: str
+    site: Site
     features: torch.Tensor
     positions: int
     fires: torch.Tensor
@@ -58,7 +58,7 @@ class _Collector:
     """Merges batches into `stats`; `detailed` keeps context rows, histograms and token mass."""
 
     def __init__(
-        self, site: str, features: torch.Tensor, top_k: int, vocab: int, bins: int, detailed: bool
+        self, site: Site, features: torch.Tensor, top_k: int, vocab: int, bins: int, detailed: bool
     ) -> None:
         n = len(features)
         self.stats = FeatureStats(
@@ -79,7 +79,7 @@ class _Collector:
     def update(self, acts: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Merge one batch: `acts` (B, T, F), `ids` and boolean attention `mask` (B, T)."""
         s = self.stats
-        scored = _positions_to_keep(mask, False)
+        scored = scored_positions(mask, skip_first=True)
         where = scored.nonzero()  # (n, 2): row, position
         flat = acts[scored]  # (n, F), same order as `where`
         tokens = ids[scored]
@@ -131,7 +131,7 @@ class _Collector:
 
 
 def collect(
-    model: Any,
+    model: Model,
     site: str | Site,
     dictionary: Dictionary,
     batches: Iterable[TokenBatch],
@@ -147,7 +147,7 @@ def collect(
     `features=None` collects frequencies and top-k activations/tokens for every feature; a list of
     feature indices also keeps top contexts, histograms (`bins`, a power of two) and token mass.
     """
-    site = str(Site.parse(site))
+    site = Site.parse(site)
     if bins < 2 or bins & (bins - 1):
         raise UserInputError("bins must be a power of two >= 2")
     index = torch.arange(dictionary.d_dict) if features is None else torch.tensor(list(features))
@@ -164,9 +164,8 @@ def collect(
         progress_bar("collecting features", total_batches, enabled=progress) as bar,
     ):
         for batch in batches:
-            ids, mask = _split(batch)
-            mask = mask.bool()
-            with model.trace({"input_ids": ids, "attention_mask": mask.long()}) as tracer:
+            ids, mask = split_batch(batch)
+            with model.trace(trace_inputs(ids, mask)) as tracer:
                 acts = spliced(model, site).features.output
                 acts = (acts if hook_index is None else acts[..., hook_index]).save()
                 tracer.stop()

@@ -11,18 +11,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
+from sae_circuits.batches import from_rows, trace_inputs
 from sae_circuits.dictionary import Dictionary
+from sae_circuits.protocols import Model
 from sae_circuits.sites import Site, architecture_of, torch_module
 from sae_circuits.splice import spliced, temporarily_attached
 
 
 def ablation_effects(
-    model: Any,
+    model: Model,
     site: str | Site,
     dictionary: Dictionary,
     feature: int,
@@ -31,9 +31,8 @@ def ablation_effects(
 ) -> torch.Tensor:
     """(n, V): ablated minus clean logits at `positions` (n,) of context `rows` (n, L), where -1
     marks pad positions."""
-    mask = rows >= 0
-    pad = model.tokenizer.pad_token_id or 0
-    inputs = {"input_ids": rows.masked_fill(~mask, pad), "attention_mask": mask.long()}
+    site = Site.parse(site)
+    inputs = trace_inputs(*from_rows(rows, model.tokenizer.pad_token_id or 0))
     at = torch.arange(rows.shape[0])
     with temporarily_attached(model, {site: dictionary}), torch.no_grad():
         hook = spliced(model, site)
@@ -46,7 +45,7 @@ def ablation_effects(
     return (ablated - clean).float().cpu()
 
 
-def direct_effects(model: Any, directions: torch.Tensor) -> torch.Tensor | None:
+def direct_effects(model: Model, directions: torch.Tensor) -> torch.Tensor | None:
     """(n, V) logit effect of each decoder direction (n, d) through the final norm (unit scale) and
     the unembedding; None when the directions do not live in the residual stream."""
     spec = architecture_of(model)

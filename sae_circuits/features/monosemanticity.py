@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from sae_circuits.buffer import TokenBatch
+from sae_circuits.batches import TokenBatch
 from sae_circuits.dictionary import Dictionary, LinearBasis
 from sae_circuits.features.collect import collect
+from sae_circuits.protocols import Model
 from sae_circuits.sites import Site
 
 
@@ -44,7 +45,7 @@ def word_classes(tokenizer: Any, vocab_size: int) -> torch.Tensor:
 
 
 def compare_with_neurons(
-    model: Any,
+    model: Model,
     site: str | Site,
     dictionary: Dictionary,
     batches: Iterable[TokenBatch],
@@ -54,8 +55,9 @@ def compare_with_neurons(
 ) -> dict[str, dict[str, float]]:
     """Token and word concentration of the dictionary's features and of the site's neurons, on the
     same text: `{"features": {...}, "neurons": {...}}` with mean/median over alive units."""
+    site = Site.parse(site)
     batches = list(batches)
-    neurons = LinearBasis.neurons(dictionary.config.output_dim, site=str(site))
+    neurons = LinearBasis.neurons(dictionary.config.output_dim, site=site)
     classes = word_classes(model.tokenizer, int(model.config.vocab_size))
     result = {}
     for name, basis in (("features", dictionary), ("neurons", neurons)):

@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
-from sae_circuits.buffer import TokenBatch
+from sae_circuits.batches import TokenBatch
 from sae_circuits.dictionary import Dictionary
 from sae_circuits.features.collect import FeatureStats, collect
 from sae_circuits.features.effects import ablation_effects, direct_effects
+from sae_circuits.nodes import Node
+from sae_circuits.protocols import Model
 from sae_circuits.sites import Site
 
 
@@ -53,7 +55,7 @@ class FeatureReport:
     `logit_effect_values` holds that mean for every vocabulary token (its distribution).
     """
 
-    site: str
+    site: Site
     index: int
     frequency: float
     positions: int
@@ -68,7 +70,8 @@ class FeatureReport:
 
     @property
     def name(self) -> str:
-        return f"{self.site}/{self.index}"
+        """The feature's node id, `<site>/<index>`."""
+        return Node(self.site, self.index).id
 
     def to_json(self) -> dict[str, Any]:
         """The `inspect --json` document."""
@@ -124,7 +127,7 @@ class FeatureReport:
 class FrequencyReport:
     """Firing frequency of every feature of a dictionary (`frequencies[i]` for feature i)."""
 
-    site: str
+    site: Site
     positions: int
     frequencies: torch.Tensor
 
@@ -146,7 +149,7 @@ class FrequencyReport:
     def to_json(self) -> dict[str, Any]:
         edges, counts = self.log10_histogram()
         return {
-            "site": self.site,
+            "site": str(self.site),
             "tokens_scanned": self.positions,
             "features": len(self.frequencies),
             "dead": self.dead,
@@ -182,7 +185,7 @@ class TokenText:
 
 
 def inspect_features(
-    model: Any,
+    model: Model,
     site: str | Site,
     dictionary: Dictionary,
     batches: Iterable[TokenBatch],
@@ -197,6 +200,7 @@ def inspect_features(
     """One pass over `batches`, then a report per feature; `effects` adds the ablation effects on
     the top contexts and the direct effects. `n_tokens` tokens per ranked list; `window` = tokens
     shown (before, after) the activating one."""
+    site = Site.parse(site)
     stats = collect(
         model,
         site,
@@ -295,7 +299,7 @@ def _ranked(values: torch.Tensor, text: TokenText, n: int) -> dict[str, list[Tok
 
 
 def feature_frequencies(
-    model: Any,
+    model: Model,
     site: str | Site,
     dictionary: Dictionary,
     batches: Iterable[TokenBatch],

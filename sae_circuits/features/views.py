@@ -1,4 +1,4 @@
-"""Views of feature reports: rich (terminal), HTML (Jupyter) and PNG (matplotlib, imported lazily)."""
+"""Views of feature reports: rich (terminal), HTML (Jupyter) and PNG (`sae_circuits.plotting`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from sae_circuits.errors import UserInputError
+from sae_circuits.plotting import new_figure
 
 if TYPE_CHECKING:
     from sae_circuits.features.report import FeatureReport, FrequencyReport, TokenScore
@@ -153,28 +153,15 @@ def feature_html(report: FeatureReport) -> str:
 
 
 # ------------------------------------------------------------------------------------- PNG
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserInputError(
-            "PNG output needs matplotlib: pip install 'sae-circuits[plots]'"
-        ) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _label(token: str) -> str:
     return shown(token).replace("$", r"\$")
 
 
 def save_feature_png(report: FeatureReport, path: str | Path) -> Path:
     """Activation histogram stacked by token and the distribution of ablation logit changes."""
-    plt = _pyplot()
     panels = 2 if report.logit_effect_values is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.2), squeeze=False)
+    fig = new_figure((5.2 * panels, 3.2))
+    axes = fig.subplots(1, panels, squeeze=False)
     ax = axes[0][0]
     last = max((b for b, n in enumerate(report.histogram_counts) if n), default=0) + 1
     edges = report.histogram_edges[: last + 1]
@@ -201,15 +188,14 @@ def save_feature_png(report: FeatureReport, path: str | Path) -> Path:
         ax.set_title(f"largest drops: {down}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return Path(path)
 
 
 def save_frequency_png(report: FrequencyReport, path: str | Path) -> Path:
     """Histogram of log10 firing frequency over the dictionary's live features."""
-    plt = _pyplot()
     edges, counts = report.log10_histogram()
-    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    fig = new_figure((5.2, 3.2))
+    ax = fig.subplots()
     if counts:
         ax.bar(
             edges[:-1],
@@ -224,5 +210,4 @@ def save_frequency_png(report: FrequencyReport, path: str | Path) -> Path:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return Path(path)

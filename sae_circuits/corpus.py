@@ -1,4 +1,8 @@
-"""The training corpus of the embedded model, generated deterministically from a seed.
+"""The corpus of the embedded model, generated deterministically from a seed.
+
+The build trains the model on the "train" split; at run time it is the default text of the
+embedded model (training dictionaries on "train", evaluating them on "heldout"), and its
+standard-library text is the default sample of English and code for any other model.
 
 Documents of three kinds are interleaved so that each kind's share of characters follows `MIX`:
 - "ioi": one IOI sentence (train templates; a share `ABC_SHARE` of them name three people);
@@ -21,8 +25,8 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
-from sae_circuits.embedded.task_text import SPLITS, ioi_sentence, sva_sentence
 from sae_circuits.errors import UserInputError
+from sae_circuits.task_text import SPLITS, ioi_sentence, sva_sentence
 
 MIX = {"ioi": 0.50, "sva": 0.20, "text": 0.30}  # target share of characters per kind
 ABC_SHARE = (

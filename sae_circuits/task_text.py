@@ -1,6 +1,7 @@
 """Fill the IOI and subject-verb-agreement templates of `tasks/` deterministically from a seed.
 
-Pure Python (no torch): the corpus generator, the evaluation and the later `tasks.py` all reuse it.
+Pure Python (no torch): the built-in tasks (`tasks.py`), the corpus (`corpus.py`) and the build of the
+embedded model (`embedded/`) all read their prompts from here.
 Names, SVA nouns and verbs are filled with a leading space (" Mary", " keys", " is"), and the
 embedded tokenizer makes each of them one token, so clean and corrupted prompts have equal length.
 """

@@ -1,0 +1,58 @@
+"""Rich tables shared by the commands (and the demo, which shows each of them)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from rich.table import Table
+
+from sae_circuits.circuits import Circuit
+from sae_circuits.evaluation import METRIC_KEYS
+from sae_circuits.patching_curves import PatchingCurve
+from sae_circuits.plotting import GAP_SHARES
+from sae_circuits.sites import Site
+
+
+def metrics_table(results: Mapping[Site, Mapping[str, float]]) -> Table:
+    """Dictionary quality: one row per site."""
+    table = Table(title="dictionary quality")
+    table.add_column("site")
+    for key in METRIC_KEYS:
+        table.add_column(key, justify="right")
+    for site, metrics in results.items():
+        table.add_row(str(site), *(f"{metrics[key]:.4g}" for key in METRIC_KEYS))
+    return table
+
+
+def restore_table(curves: Mapping[Site, Mapping[str, PatchingCurve]], max_features: int) -> Table:
+    """Per site and basis: the k needed to restore each of `GAP_SHARES` of the gap, and the end of
+    the curve."""
+    table = Table(title="directions patched to restore the IOI gap (- : not within K)")
+    shares = [f"k for {share:.0%}" for share in GAP_SHARES]
+    for column in ("site", "basis", *shares, f"restored at K={max_features}"):
+        table.add_column(column, justify="left" if column in ("site", "basis") else "right")
+    table.add_column("KL at K", justify="right")
+    for site, by_basis in curves.items():
+        for name, curve in by_basis.items():
+            ks = [curve.k_to_restore(share) for share in GAP_SHARES]
+            table.add_row(
+                str(site),
+                name,
+                *(str(k) if k is not None else "-" for k in ks),
+                f"{curve.restored[-1]:.3g}",
+                f"{curve.kl[-1]:.3g}",
+            )
+        table.add_section()
+    return table
+
+
+def circuit_table(circuit: Circuit) -> Table:
+    """Sizes, verification and the faithfulness curve of a circuit."""
+    summary = circuit.summary()
+    table = Table(title=f"circuit ({circuit.report.get('method')})", show_header=False)
+    table.add_row("nodes / edges", f"{summary['nodes']} / {summary['edges']}")
+    for key, value in summary["verification"].items():
+        table.add_row(f"verification {key}", "-" if value is None else f"{value:.3f}")
+    for point in summary["faithfulness"]:
+        table.add_row(f"faithfulness, {point['nodes']} nodes", f"{point['faithfulness']:.3f}")
+    return table
