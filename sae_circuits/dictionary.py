@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -26,6 +27,9 @@ from torch import nn
 from sae_circuits.errors import UserInputError
 from sae_circuits.resources import asset_dir
 from sae_circuits.sites import Site, SiteMap
+
+if TYPE_CHECKING:
+    from sae_circuits.sparse_codes import SparseCodes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -48,6 +52,7 @@ class DictionaryConfig:
     model: str | None
     d_out: int | None  # width of `out_site` when it differs from `d_in`
     k: int | None  # top-k dictionaries
+    skip: bool  # transcoders: a linear skip connection from input to output
     hyperparameters: dict[str, Any]
     metrics: dict[str, Any]
 
@@ -63,6 +68,7 @@ class DictionaryConfig:
         model: str | None = None,
         d_out: int | None = None,
         k: int | None = None,
+        skip: bool = False,
         hyperparameters: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
     ) -> None:
@@ -72,7 +78,7 @@ class DictionaryConfig:
             in_site = out_site = site
         self.kind, self.d_in, self.d_dict = kind, d_in, d_dict
         self.in_site, self.out_site = _parse_site(in_site), _parse_site(out_site)
-        self.model, self.d_out, self.k = model, d_out, k
+        self.model, self.d_out, self.k, self.skip = model, d_out, k, skip
         self.hyperparameters = {} if hyperparameters is None else hyperparameters
         self.metrics = {} if metrics is None else metrics
 
@@ -120,19 +126,34 @@ class LatentSlot(NamedTuple):
     value: torch.Tensor | float  # one slice per re-initialised latent, or one number for all
 
 
+class TrainingForward(NamedTuple):
+    """What a training step needs from a dictionary's forward pass."""
+
+    x_hat: torch.Tensor
+    features: torch.Tensor | SparseCodes  # dense (n, d_dict), or the active entries only
+    pre: torch.Tensor | None = None  # detached pre-activations, where AuxK picks dead latents
+    l0: torch.Tensor | None = None  # differentiable L0 per input (JumpReLU's straight-through)
+
+
 class Dictionary(nn.Module):
     """Base class: subclasses set `kind`, create their parameters and implement encode/decode.
 
     A kind also owns what training does differently by kind: the class attributes below, the
-    decoder constraint (`project_decoder_gradient`, `normalize_decoder`), the slots resampling
-    rewrites (`resample_slots`), the folding of an activation scale (`fold_activation_scale`) and
-    the report recipe's `orthogonal_init`.
+    forward pass of a training step (`training_forward`), the decoder constraint
+    (`project_decoder_gradient`, `normalize_decoder`), the slots resampling rewrites
+    (`resample_slots`), the folding of an activation scale (`fold_activation_scale`) and the
+    report recipe's `orthogonal_init`.
     """
 
     kind: ClassVar[str] = ""
-    trainable: ClassVar[bool] = False  # `train_dictionaries` trains it on one activation stream
-    top_k: ClassVar[bool] = False  # sparse by keeping the `config.k` largest features, no penalty
+    trainable: ClassVar[bool] = False  # `train_dictionaries` can train it
+    # the sparsity penalties it trains with, the default first: "l1", "entropy" (of f / Σf), "l0"
+    # (a straight-through L0), or "topk" (no penalty: `config.k` features per input)
+    sparsities: ClassVar[tuple[str, ...]] = ()
     decoder_bias: ClassVar[str | None] = None  # the parameter added to every reconstruction
+    learning_rate_scales: ClassVar[
+        dict[str, float]
+    ] = {}  # parameters trained at a multiple of the LR
     registry: ClassVar[dict[str, type[Dictionary]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -163,9 +184,13 @@ class Dictionary(nn.Module):
         """(d_dict, d_out): the direction each feature adds to the reconstruction."""
         raise NotImplementedError
 
+    def skip_term(self, x: torch.Tensor) -> torch.Tensor | float:
+        """What a skip connection adds to the reconstruction of input `x` (0: none)."""
+        return 0.0
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.encode(x)
-        return self.decode(f), f
+        return self.decode(f) + self.skip_term(x), f
 
     def extra_repr(self) -> str:
         config = self.config
@@ -177,6 +202,17 @@ class Dictionary(nn.Module):
         return f"kind={self.kind}, d_in={self.d_in}, d_dict={self.d_dict}, {sites}"
 
     # -------------------------------------------------------------------------------- training
+    def training_forward(self, x: torch.Tensor) -> TrainingForward:
+        """The forward pass of a training step on a batch `x` (n, d_in)."""
+        f = self.encode(x)
+        return TrainingForward(self.decode(f) + self.skip_term(x), f)
+
+    def auxiliary_reconstruction(
+        self, x: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, k_aux: int
+    ) -> torch.Tensor | None:
+        """AuxK's reconstruction of the residual by dead latents; None for kinds without AuxK."""
+        return None
+
     def project_decoder_gradient(self) -> None:
         """Before an optimizer step: keep a constrained decoder on its constraint (here: none)."""
 
@@ -251,6 +287,7 @@ class TiedDictionary(Dictionary):
 
     kind = "tied"
     trainable = True
+    sparsities = ("l1", "entropy")
 
     def __init__(self, config: DictionaryConfig) -> None:
         super().__init__(config)
@@ -289,6 +326,7 @@ class UntiedDictionary(Dictionary):
 
     kind = "untied"
     trainable = True
+    sparsities = ("l1", "entropy")
     decoder_bias = "b_dec"
 
     def __init__(self, config: DictionaryConfig) -> None:
@@ -302,8 +340,12 @@ class UntiedDictionary(Dictionary):
         self.b_enc = nn.Parameter(torch.zeros(config.d_dict))
         self.b_dec = nn.Parameter(torch.zeros(config.output_dim))
 
+    def centered(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder's weights multiply: `pre_activations(x) = centered(x) W_enc + b_enc`."""
+        return x - self.b_dec
+
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return self.centered(x) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pre_activations(x))
@@ -360,31 +402,228 @@ class UntiedDictionary(Dictionary):
 
 
 class TopKDictionary(UntiedDictionary):
-    """Untied dictionary that keeps the `k` largest pre-activations of each input."""
+    """Untied dictionary that keeps the `k` largest pre-activations of each input (Gao et al. 2024).
+
+    Training decodes only the active latents, and the AuxK loss (`auxiliary_reconstruction`) lets
+    dead latents learn the residual.
+    """
 
     kind = "topk"
-    top_k = True
+    sparsities = ("topk",)
 
     def __init__(self, config: DictionaryConfig) -> None:
         if not config.k or config.k < 1:
-            raise UserInputError("a topk dictionary needs k >= 1 in its config")
+            raise UserInputError(f"a {self.kind} dictionary needs k >= 1 in its config")
         super().__init__(config)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return _topk_encode(self, x)
+
+    def training_forward(self, x: torch.Tensor) -> TrainingForward:
+        from sae_circuits.sparse_codes import select_topk
+
+        return _topk_training_forward(self, x, select_topk)
+
+    def auxiliary_reconstruction(
+        self, x: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, k_aux: int
+    ) -> torch.Tensor | None:
+        return _auxiliary_reconstruction(self, x, pre, dead, k_aux)
+
+
+def _topk_encode(d: UntiedDictionary, x: torch.Tensor) -> torch.Tensor:
+    """The `config.k` largest ReLU pre-activations of each input, the others 0."""
+    pre = torch.relu(d.pre_activations(x))
+    top = pre.topk(min(d.config.k, d.d_dict), dim=-1)
+    return torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+
+
+def _topk_training_forward(
+    d: UntiedDictionary,
+    x: torch.Tensor,
+    select: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+) -> TrainingForward:
+    """One dense encoder product picks the active latents (`select(pre, k)`); their values, the
+    decoding and every gradient then touch only those latents (`sae_circuits.sparse_codes`)."""
+    from sae_circuits import sparse_codes
+
+    with torch.no_grad():
+        pre = d.pre_activations(x)
+    rows, latents = select(pre, min(d.config.k, d.d_dict))
+    centered = d.centered(x)
+    values = torch.relu(
+        sparse_codes.gather_linear(centered, d.W_enc, d.b_enc, rows, latents, pre=pre)
+    )
+    codes = sparse_codes.SparseCodes(rows, latents, values, len(x), d.d_dict)
+    x_hat = sparse_codes.sparse_decode(values, rows, latents, d.W_dec, len(x)) + d.b_dec
+    return TrainingForward(x_hat, codes, pre)
+
+
+def _auxiliary_reconstruction(
+    d: UntiedDictionary, x: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, k_aux: int
+) -> torch.Tensor | None:
+    """AuxK (Gao et al. 2024): the decoding, without bias, of the `k_aux` largest pre-activations
+    among the `dead` latents of each input; None when no latent is dead."""
+    from sae_circuits import sparse_codes
+
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return None
+    rows, latents = sparse_codes.select_topk(pre.masked_fill(~dead, -torch.inf), min(k_aux, n_dead))
+    values = torch.relu(
+        sparse_codes.gather_linear(d.centered(x), d.W_enc, d.b_enc, rows, latents, pre=pre)
+    )
+    return sparse_codes.sparse_decode(values, rows, latents, d.W_dec, len(x))
+
+
+class BatchTopKDictionary(TopKDictionary):
+    """BatchTopK (Bussmann et al. 2024): training keeps the `k · n` largest pre-activations of a
+    batch of n inputs; encoding uses a threshold estimated in training (a running mean of the
+    smallest kept activation), so that an input's features do not depend on its batch."""
+
+    kind = "batchtopk"
+    threshold_decay: ClassVar[float] = 0.999  # of the running mean; the first batch sets it
+
+    def __init__(self, config: DictionaryConfig) -> None:
+        super().__init__(config)
+        self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = torch.relu(self.pre_activations(x))
-        top = pre.topk(min(self.config.k, self.d_dict), dim=-1)
-        return torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+        return pre * (pre > self.threshold)
+
+    def training_forward(self, x: torch.Tensor) -> TrainingForward:
+        from sae_circuits.sparse_codes import select_batch_topk
+
+        out = _topk_training_forward(self, x, select_batch_topk)
+        if self.training:
+            self._update_threshold(out.features.values)
+        return out
+
+    @torch.no_grad()
+    def _update_threshold(self, values: torch.Tensor) -> None:
+        positive = values[values > 0]
+        if not len(positive):
+            return
+        smallest = positive.min()
+        if self.threshold < 0:
+            self.threshold.copy_(smallest)
+        else:
+            self.threshold.lerp_(smallest, 1 - self.threshold_decay)
+
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float) -> None:
+        """Divides the biases and the threshold by `scale`."""
+        super().fold_activation_scale(scale)
+        if self.threshold > 0:
+            self.threshold.div_(scale)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """`z · H(z − θ)` with the pseudo-derivative in θ of Rajamanoharan et al. 2024:
+    −(θ/ε) K((z − θ)/ε), K the rectangle kernel 1{|u| < 1/2}."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float
+    ) -> torch.Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        z, threshold = ctx.saved_tensors
+        window = _rectangle((z - threshold) / ctx.bandwidth)
+        grad_threshold = -(threshold / ctx.bandwidth) * window * grad
+        return (z > threshold) * grad, _sum_to(grad_threshold, threshold), None
+
+
+class _Step(torch.autograd.Function):
+    """`H(z − θ)` with the pseudo-derivative in θ −(1/ε) K((z − θ)/ε) and none in z."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float
+    ) -> torch.Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        z, threshold = ctx.saved_tensors
+        window = _rectangle((z - threshold) / ctx.bandwidth)
+        return None, _sum_to(-(1 / ctx.bandwidth) * window * grad, threshold), None
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return grad.reshape(-1, like.shape[-1]).sum(0)
+
+
+class JumpReLUDictionary(UntiedDictionary):
+    """JumpReLU (Rajamanoharan et al. 2024): `f = z · H(z − θ)` with a learned threshold θ ≥ 0 per
+    latent, trained with straight-through estimators of kernel width `bandwidth` and an L0
+    penalty."""
+
+    kind = "jumprelu"
+    sparsities = ("l0",)
+    initial_threshold: ClassVar[float] = 1e-3
+    bandwidth: ClassVar[float] = 1e-3
+    # Adam moves a threshold by about the LR per step: at 1e-3 it could not reach the thresholds
+    # of unit-scale pre-activations (~1) in the thousand steps of a typical run here
+    learning_rate_scales = {"threshold": 10.0}
+
+    def __init__(self, config: DictionaryConfig) -> None:
+        super().__init__(config)
+        self.threshold = nn.Parameter(torch.full((config.d_dict,), self.initial_threshold))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return _JumpReLU.apply(self.pre_activations(x), self.threshold, self.bandwidth)
+
+    def training_forward(self, x: torch.Tensor) -> TrainingForward:
+        pre = self.pre_activations(x)
+        f = _JumpReLU.apply(pre, self.threshold, self.bandwidth)
+        l0 = _Step.apply(pre, self.threshold, self.bandwidth).sum(-1)
+        return TrainingForward(self.decode(f), f, None, l0)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Unit decoder rows, and thresholds kept >= 0."""
+        super().normalize_decoder()
+        self.threshold.clamp_(min=0)
+
+    @torch.no_grad()
+    def resample_slots(
+        self, directions: torch.Tensor, alive: torch.Tensor, match_live: bool
+    ) -> list[LatentSlot]:
+        """As untied, and the threshold back to its initial value (or the live median)."""
+        slots = super().resample_slots(directions, alive, match_live)
+        live = match_live and alive.any()
+        threshold = float(self.threshold[alive].median()) if live else self.initial_threshold
+        return [*slots, LatentSlot(self.threshold, 0, threshold)]
+
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float) -> None:
+        """Divides the biases and the thresholds by `scale`."""
+        super().fold_activation_scale(scale)
+        self.threshold.div_(scale)
 
 
 class Transcoder(UntiedDictionary):
     """Reads one site (`in_site`, e.g. the MLP input) and reconstructs another (`out_site`).
 
     Unlike the other kinds, the pre-decoder bias is not subtracted from the input, since input and
-    output live in different spaces. Not trainable here: the trainer feeds one activation stream.
+    output live in different spaces (`b_in` centres the input instead). With `config.k` it keeps
+    the k largest pre-activations (a top-k transcoder, trained without penalty, with AuxK); with
+    `config.skip` it adds a linear skip connection `x W_skip` (skip transcoders), initialised to 0.
     """
 
     kind = "transcoder"
-    trainable = False
+    sparsities = ("l1", "topk")
 
     def __init__(self, config: DictionaryConfig) -> None:
         if config.in_site is None or config.out_site is None:
@@ -393,9 +632,30 @@ class Transcoder(UntiedDictionary):
             )
         super().__init__(config)
         self.b_in = nn.Parameter(torch.zeros(config.d_in))
+        if config.skip:
+            self.W_skip = nn.Parameter(torch.zeros(config.d_in, config.output_dim))
 
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_in) @ self.W_enc + self.b_enc
+    def centered(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.b_in
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return _topk_encode(self, x) if self.config.k else super().encode(x)
+
+    def skip_term(self, x: torch.Tensor) -> torch.Tensor | float:
+        return x @ self.W_skip if self.config.skip else 0.0
+
+    def training_forward(self, x: torch.Tensor) -> TrainingForward:
+        if not self.config.k:
+            return super().training_forward(x)
+        from sae_circuits.sparse_codes import select_topk
+
+        out = _topk_training_forward(self, x, select_topk)
+        return out._replace(x_hat=out.x_hat + self.skip_term(x))
+
+    def auxiliary_reconstruction(
+        self, x: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, k_aux: int
+    ) -> torch.Tensor | None:
+        return _auxiliary_reconstruction(self, x, pre, dead, k_aux) if self.config.k else None
 
     @torch.no_grad()
     def fold_activation_scale(self, scale: float) -> None:
@@ -442,7 +702,8 @@ class LinearBasis(Dictionary):
             raise UserInputError("PCA needs at least two activation vectors")
         basis = cls(_basis_config("pca", activations.shape[-1], site))
         mean = activations.mean(0)
-        _, _, vh = torch.linalg.svd(activations - mean, full_matrices=True)
+        n, d = activations.shape  # a full U would be (n, n): only needed for vh when n < d
+        _, _, vh = torch.linalg.svd(activations - mean, full_matrices=n < d)
         basis.components.copy_(vh)
         basis.offset.copy_(mean)
         return basis

@@ -1,17 +1,31 @@
 """Quality of spliced dictionaries, measured through nnsight traces over batches of tokens.
 
-Per batch, one trace runs the clean model (reading every site's features and error); then per site
-one batched trace runs the model with the site's error set to zero (the activation replaced by its
-reconstruction) and the model with the site zero-ablated. Metrics, over non-pad positions (and, with
+A first pass reads every site (one trace per batch that stops after the last site) for the mean
+activation over the evaluated positions. Then per batch, one trace runs the clean model (reading
+every site's features and error), and per site one batched trace runs the model with the site's
+error set to zero (the activation replaced by its reconstruction), with the site zero-ablated and
+with the site mean-ablated (replaced by that mean). Metrics, over non-pad positions (and, with
 `skip_first`, not the first real position of each row, which is BOS and keeps its activation in
-every run):
+every run), in the order of `METRIC_KEYS`:
 
-- `mse`: mean over positions and dimensions of (x − x̂)²;  `cosine`: mean cos(x, x̂);
+- `ce_delta`: CE_spliced − CE_clean (nats);  `kl`: mean KL(clean ‖ spliced) of the next-token
+  distributions;
+- `l0`: mean count of non-zero features per position;
+- `loss_recovered_mean`: (CE_mean − CE_spliced) / (CE_mean − CE_clean), CE_mean with the site
+  mean-ablated; `loss_recovered`: (CE_zero − CE_spliced) / (CE_zero − CE_clean), CE_zero with the
+  site zero-ablated (lenient wherever zero ablation is catastrophic, as in the residual stream);
+- `nmse`: normalised MSE, Σ‖x − x̂‖² / Σ‖x − mean(x)‖², the squared error relative to always
+  predicting the mean activation (Gao et al. 2024, *Scaling and evaluating sparse autoencoders*);
+  with the mean taken over the same positions it equals 1 − `fve`;
 - `fve`: fraction of variance explained, 1 − Σ‖x − x̂‖² / Σ‖x − mean(x)‖²;
-- `l1`, `l0`: mean sum of |f| and mean count of non-zero features per position;
-- `frac_alive`: fraction of features non-zero at least once;
-- `loss_recovered`: (CE_zero − CE_spliced) / (CE_zero − CE_clean);
-- `kl`: mean KL(clean ‖ spliced) of the next-token distributions; `ce_delta`: CE_spliced − CE_clean.
+- `mse`: mean over positions and dimensions of (x − x̂)²;  `cosine`: mean cos(x, x̂);
+- `l1`: mean sum of |f| per position;
+- `frac_alive`: share of features non-zero at least once;  `frac_dead`: share never non-zero
+  (1 − `frac_alive`);  `frac_dense`: share non-zero on more than `DENSE_FREQUENCY` of the
+  positions.
+
+Besides these, the result holds `ce_clean`, `ce_spliced`, `ce_zero`, `ce_mean` and `tokens` (the
+number of evaluated positions).
 """
 
 from __future__ import annotations
@@ -21,15 +35,32 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from rich.progress import Progress
 
 from sae_circuits.batches import TokenBatch, scored_positions, split_batch, trace_inputs
+from sae_circuits.buffer import harvest
 from sae_circuits.dictionary import Dictionary
 from sae_circuits.progress import progress_bar
 from sae_circuits.protocols import Model
 from sae_circuits.sites import Site, SiteMap
 from sae_circuits.splice import spliced, temporarily_attached
 
-METRIC_KEYS = ("mse", "l1", "l0", "frac_alive", "fve", "cosine", "loss_recovered", "kl", "ce_delta")
+METRIC_KEYS = (
+    "ce_delta",
+    "kl",
+    "l0",
+    "loss_recovered_mean",
+    "loss_recovered",
+    "nmse",
+    "fve",
+    "mse",
+    "cosine",
+    "l1",
+    "frac_alive",
+    "frac_dead",
+    "frac_dense",
+)
+DENSE_FREQUENCY = 0.1
 
 
 class _CleanTokens:
@@ -59,12 +90,15 @@ class _SiteTotals:
     l1: float = 0.0
     l0: float = 0.0
     cosine: float = 0.0
-    alive: torch.Tensor | None = None
+    fires: torch.Tensor = field(init=False)
     ce_tokens: int = 0
     ce: dict[str, float] = field(
-        default_factory=lambda: {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+        default_factory=lambda: dict.fromkeys(("clean", "spliced", "zero", "mean"), 0.0)
     )
     kl: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.fires = torch.zeros(self.d_dict, dtype=torch.float64)
 
     def add_reconstruction(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> None:
         """Accumulate `(n, d)` activations, reconstructions and `(n, d_dict)` features."""
@@ -77,18 +111,15 @@ class _SiteTotals:
         self.l1 += f.abs().sum().item()
         self.l0 += active.sum().item()
         self.cosine += F.cosine_similarity(x, x_hat, dim=-1).sum().item()
-        fired = active.any(0)
-        self.alive = fired if self.alive is None else self.alive | fired
+        self.fires += active.sum(0)
 
-    def add_losses(
-        self, clean: _CleanTokens, spliced_logits: torch.Tensor, zero: torch.Tensor
-    ) -> None:
-        """Accumulate next-token CE of the spliced and zero-ablated runs beside the clean one and
-        KL(clean ‖ spliced), over the real (non-pad) next-token pairs."""
+    def add_losses(self, clean: _CleanTokens, logits: Mapping[str, torch.Tensor]) -> None:
+        """Accumulate next-token CE of the spliced and ablated runs (`logits` by run name) beside
+        the clean one and KL(clean ‖ spliced), over the real (non-pad) next-token pairs."""
         self.ce["clean"] += clean.ce
         log_probs = {}
-        for name, logits in (("spliced", spliced_logits), ("zero", zero)):
-            log_probs[name] = clean.log_probs_of(logits)
+        for name, run_logits in logits.items():
+            log_probs[name] = clean.log_probs_of(run_logits)
             self.ce[name] += F.nll_loss(log_probs[name], clean.targets, reduction="sum").item()
         self.kl += F.kl_div(
             log_probs["spliced"], clean.log_probs, log_target=True, reduction="sum"
@@ -99,23 +130,32 @@ class _SiteTotals:
         n = max(self.positions, 1)
         d = self.sum_x.numel() if self.sum_x is not None else 1
         total_variance = self.sum_x_squared - (self.sum_x.pow(2).sum().item() / n if n else 0)
+        nmse = self.squared_error / total_variance if total_variance > 0 else float("nan")
         ce = {name: value / max(self.ce_tokens, 1) for name, value in self.ce.items()}
-        gap = ce["zero"] - ce["clean"]
+        frequency = self.fires / n
         return {
-            "mse": self.squared_error / (n * d),
-            "l1": self.l1 / n,
-            "l0": self.l0 / n,
-            "frac_alive": (self.alive.float().mean().item() if self.alive is not None else 0.0),
-            "fve": 1 - self.squared_error / total_variance if total_variance > 0 else float("nan"),
-            "cosine": self.cosine / n,
-            "loss_recovered": (ce["zero"] - ce["spliced"]) / gap if gap != 0 else float("nan"),
-            "kl": self.kl / max(self.ce_tokens, 1),
             "ce_delta": ce["spliced"] - ce["clean"],
-            "ce_clean": ce["clean"],
-            "ce_spliced": ce["spliced"],
-            "ce_zero": ce["zero"],
+            "kl": self.kl / max(self.ce_tokens, 1),
+            "l0": self.l0 / n,
+            "loss_recovered_mean": _recovered(ce, "mean"),
+            "loss_recovered": _recovered(ce, "zero"),
+            "nmse": nmse,
+            "fve": 1 - nmse,
+            "mse": self.squared_error / (n * d),
+            "cosine": self.cosine / n,
+            "l1": self.l1 / n,
+            "frac_alive": (frequency > 0).double().mean().item(),
+            "frac_dead": (frequency == 0).double().mean().item(),
+            "frac_dense": (frequency > DENSE_FREQUENCY).double().mean().item(),
+            **{f"ce_{name}": value for name, value in ce.items()},
             "tokens": self.positions,
         }
+
+
+def _recovered(ce: Mapping[str, float], ablation: str) -> float:
+    """(CE_ablated − CE_spliced) / (CE_ablated − CE_clean); NaN when ablating costs nothing."""
+    gap = ce[ablation] - ce["clean"]
+    return (ce[ablation] - ce["spliced"]) / gap if gap != 0 else float("nan")
 
 
 def evaluate(
@@ -128,41 +168,78 @@ def evaluate(
 ) -> SiteMap:
     """Metrics (see module docstring) for each dictionary: a `SiteMap` of metric dicts.
 
-    `batches` yields token ids `(batch, ctx)` or `(ids, attention_mask)` pairs. The dictionaries are
-    attached for the evaluation and the model's previous splices restored afterwards.
+    `batches` yields token ids `(batch, ctx)` or `(ids, attention_mask)` pairs; they are read twice
+    (the mean-activation pass, then the evaluation), so an iterator is first collected into a
+    list. The dictionaries are attached for the evaluation and the model's previous splices
+    restored afterwards. `total_batches` overrides the progress bar's length (default: the number
+    of batches).
     """
     dictionaries = SiteMap(dictionaries)
+    batches = list(batches)
     totals = {site: _SiteTotals(dictionary.d_dict) for site, dictionary in dictionaries.items()}
+    total = len(batches) if total_batches is None else total_batches
     with (
         temporarily_attached(model, dictionaries),
         torch.no_grad(),
-        progress_bar("evaluating", total_batches, enabled=progress) as bar,
+        progress_bar("evaluating", 2 * total, enabled=progress) as bar,
     ):
+        means = _mean_activations(model, list(dictionaries), batches, skip_first, bar)
         for batch in batches:
             ids, mask = split_batch(batch)
             scored = scored_positions(mask, skip_first)
             inputs = trace_inputs(ids, mask)
-            clean_logits, reads = _clean_run(model, list(dictionaries), inputs)
+            clean_logits, reads = _clean_run(model, dictionaries, inputs)
             clean = _CleanTokens(clean_logits, ids, mask)
             for site, dictionary in dictionaries.items():
-                features, error = reads[site]
+                features, error, skip = reads[site]
+                ablations = {"zero": torch.zeros_like(means[site]), "mean": means[site]}
                 _evaluate_site(
-                    model, site, dictionary, inputs, scored, features, error, clean, totals[site]
+                    model,
+                    site,
+                    dictionary,
+                    inputs,
+                    scored,
+                    features,
+                    error,
+                    skip,
+                    ablations,
+                    clean,
+                    totals[site],
                 )
             bar.advance(0)
     return SiteMap({site: site_totals.metrics() for site, site_totals in totals.items()})
 
 
+def _mean_activations(
+    model: Model, sites: list[Site], batches: list[TokenBatch], skip_first: bool, bar: Progress
+) -> dict[Site, torch.Tensor]:
+    """Each site's mean activation (float32) over the evaluated positions of `batches`."""
+    sums = {site: torch.zeros((), dtype=torch.float64) for site in sites}
+    count = 0
+    for batch in batches:
+        ids, mask = split_batch(batch)
+        acts = harvest(model, sites, ids, mask, keep_bos=not skip_first)
+        for site in sites:
+            sums[site] = sums[site] + acts[str(site)].double().sum(0)
+        count += int(scored_positions(mask, skip_first).sum())
+        bar.advance(0)
+    return {site: (total / max(count, 1)).float() for site, total in sums.items()}
+
+
 def _clean_run(
-    model: Model, sites: list[Site], inputs: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, dict[Site, tuple[torch.Tensor, torch.Tensor]]]:
-    """The clean logits and every site's `(features, error)`, read in one forward pass (the sites
-    in forward order)."""
+    model: Model, dictionaries: SiteMap, inputs: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[Site, tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]]]:
+    """The clean logits and every site's `(features, error, skip)`, read in one forward pass (the
+    sites in forward order); `skip` is what a skip connection adds to the reconstruction (0 for
+    dictionaries without one)."""
     reads = {}
     with model.trace(**inputs):
-        for site in sites:
+        for site, dictionary in dictionaries.items():
             hook = spliced(model, site)
-            reads[site] = (hook.features.output.save(), hook.error.output.save())
+            skip = 0.0
+            if dictionary.config.skip:  # a transcoder's splice is called with (x, x_in)
+                skip = dictionary.skip_term(hook.inputs[0][1]).save()
+            reads[site] = (hook.features.output.save(), hook.error.output.save(), skip)
         logits = model.output.logits.save()
     return logits, reads
 
@@ -175,27 +252,33 @@ def _evaluate_site(
     scored: torch.Tensor,
     features: torch.Tensor,
     error: torch.Tensor,
+    skip: torch.Tensor | float,
+    ablations: Mapping[str, torch.Tensor],
     clean: _CleanTokens,
     totals: _SiteTotals,
 ) -> None:
     """Accumulate one site's metrics on a batch: reconstruction from the clean run's reads, and one
-    batched trace with the site's activation replaced by its reconstruction and zero-ablated."""
+    batched trace with the site's activation replaced by its reconstruction and, per entry of
+    `ablations` (a name and the `(d,)` vector that replaces the activation), ablated."""
     hook = spliced(model, site)
     keep = (~scored).unsqueeze(-1)  # positions whose activation every run leaves untouched
+    logits = {}
     with model.trace() as tracer:
         with tracer.invoke(**inputs):
             hook.error.output = hook.error.output * keep
-            reconstructed = model.output.logits.save()
-        with tracer.invoke(**inputs):
-            f = hook.features.output
-            hook.features.output = f * keep
-            zero_error = -dictionary.decode(torch.zeros_like(f))
-            hook.error.output = torch.where(keep, hook.error.output, zero_error)
-            zero = model.output.logits.save()
-    x_hat = dictionary.decode(features)
+            logits["spliced"] = model.output.logits.save()
+        for name, value in ablations.items():
+            with tracer.invoke(**inputs):
+                f = hook.features.output
+                hook.features.output = f * keep
+                # decode(0) + skip + (value − decode(0) − skip) = value at the scored positions
+                replaced = value.to(error) - dictionary.decode(torch.zeros_like(f)) - skip
+                hook.error.output = torch.where(keep, hook.error.output, replaced)
+                logits[name] = model.output.logits.save()
+    x_hat = dictionary.decode(features) + skip
     x = x_hat + error
     totals.add_reconstruction(x[scored], x_hat[scored], features[scored])
-    totals.add_losses(clean, reconstructed, zero)
+    totals.add_losses(clean, logits)
 
 
-__all__ = ["METRIC_KEYS", "evaluate"]
+__all__ = ["DENSE_FREQUENCY", "METRIC_KEYS", "evaluate"]

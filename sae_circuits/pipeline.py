@@ -15,6 +15,7 @@ from sae_circuits.buffer import ActivationBuffer
 from sae_circuits.dictionary import Dictionary
 from sae_circuits.evaluation import evaluate
 from sae_circuits.models import model_name
+from sae_circuits.objectives import ContextStream
 from sae_circuits.protocols import Model
 from sae_circuits.sites import Site
 from sae_circuits.text import token_batches
@@ -41,8 +42,11 @@ def model_fingerprint(model: Model) -> str:
 
 
 def output_folder(out: Path, spec: TrainSpec, grid: bool) -> Path:
-    site_folder = out / spec.key
-    return site_folder / f"{spec.kind}_{spec.d_dict}_l1-{spec.l1:g}" if grid else site_folder
+    """`out/<site>` (the site the dictionary is spliced at: a transcoder's target), or below it
+    `<kind>_<size>_l1-<l1>` (top-k: `_k-<k>`) for a grid."""
+    site_folder = out / (spec.target_key or spec.key)
+    sparsity = f"k-{spec.k}" if spec.sparsity == "topk" else f"l1-{spec.l1:g}"
+    return site_folder / f"{spec.kind}_{spec.d_dict}_{sparsity}" if grid else site_folder
 
 
 def train_and_evaluate(
@@ -60,14 +64,26 @@ def train_and_evaluate(
     seed: int = 0,
     storage_dtype: torch.dtype | None = None,
 ) -> list[tuple[Path, Dictionary]]:
-    """Train `specs` on one buffer stream, evaluate each, save each with its metrics.
+    """Train `specs` on one buffer stream (or, for kl and e2e-ds losses, on token contexts through
+    the spliced model), evaluate each, save each with its metrics.
 
     `storage_dtype` (e.g. torch.float16) shrinks the saved weights; loading restores float32.
     """
     sites = sorted({Site.parse(spec.key) for spec in specs})
-    contexts = token_batches(model.tokenizer, documents, ctx_len, batch_size=max(n_ctxs // 8, 1))
-    buffer = ActivationBuffer(model, sites, contexts, n_ctxs, ctx_len, batch_size, seed=seed)
-    steps = math.ceil(tokens / batch_size)
+    read = sorted({Site.parse(key) for spec in specs for key in (spec.key, spec.target_key) if key})
+    through_model = any(spec.through_model for spec in specs)
+    if through_model:  # whole contexts through the spliced model, about batch_size tokens a step
+        contexts_per_step = max(1, round(batch_size / (ctx_len - 1)))
+        source = ContextStream(
+            token_batches(model.tokenizer, documents, ctx_len, contexts_per_step)
+        )
+        steps = math.ceil(tokens / (contexts_per_step * (ctx_len - 1)))
+    else:
+        contexts = token_batches(
+            model.tokenizer, documents, ctx_len, batch_size=max(n_ctxs // 8, 1)
+        )
+        source = ActivationBuffer(model, read, contexts, n_ctxs, ctx_len, batch_size, seed=seed)
+        steps = math.ceil(tokens / batch_size)
     run = {
         "model": model_fingerprint(model),
         "tokens": tokens,
@@ -77,21 +93,20 @@ def train_and_evaluate(
         "seed": seed,
     }
     dictionaries = train_dictionaries(
-        buffer,
+        source,
         specs,
         steps,
         checkpoint_dir=checkpoint_dir(out, specs, run),
         checkpoint_every=checkpoint_every,
-        model=model_name(model),
+        model=model if through_model else model_name(model),
     )
     eval_batches = list(token_batches(model.tokenizer, eval_documents, ctx_len, 16, eval_tokens))
     grid = len(specs) > len(sites)
     saved = []
     for spec, dictionary in zip(specs, dictionaries, strict=True):
-        metrics = evaluate(
-            model, {spec.key: dictionary}, eval_batches, total_batches=len(eval_batches)
-        )
-        dictionary.config.metrics.update(metrics[spec.key])
+        site = dictionary.config.site
+        metrics = evaluate(model, {site: dictionary}, eval_batches)
+        dictionary.config.metrics.update(metrics[site])
         folder = output_folder(out, spec, grid)
         dictionary.save(folder, dtype=storage_dtype)
         saved.append((folder, dictionary))

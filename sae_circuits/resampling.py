@@ -128,11 +128,11 @@ class Resampler:
         )
 
     @torch.no_grad()
-    def observe(self, x: torch.Tensor, active: torch.Tensor) -> None:
-        """Record one training step: its inputs `x` and the 0/1 `active` (batch, d_dict) features."""
-        self.since_fired.add_(1).masked_fill_(active.amax(0) > 0, 0)
+    def observe(self, x: torch.Tensor, fire_counts: torch.Tensor) -> None:
+        """Record one training step: its inputs `x` and how many of them each latent fired on."""
+        self.since_fired.add_(1).masked_fill_(fire_counts > 0, 0)
         if self.fired is not None:
-            self.fired += active.sum(0).long()
+            self.fired += fire_counts.long()
         self.target.observe(x)
 
     @property

@@ -62,13 +62,15 @@ class SplicedDictionary(nn.Module):
 
     def forward(self, x: torch.Tensor, x_in: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruct `x`, encoding `x_in` when the dictionary reads another site."""
-        encoded = self.dictionary.encode(x if x_in is None else x_in)
+        source = x if x_in is None else x_in
+        encoded = self.dictionary.encode(source)
         features = self.features(_editable(encoded))
-        reconstruction = self.dictionary.decode(encoded)
+        skip = self.dictionary.skip_term(source)
+        reconstruction = self.dictionary.decode(encoded) + skip
         error = self.error(_editable(x - reconstruction))
         if not torch.is_grad_enabled() and torch.equal(features, encoded):
             return reconstruction + error  # features untouched: skip the second decode
-        return self.dictionary.decode(features) + error
+        return self.dictionary.decode(features) + skip + error
 
     def envoy(self, model: Model) -> Any:
         """This module's envoy in `model`."""
@@ -138,6 +140,20 @@ def temporarily_attached(
         restore = {site: d for site, d in previous.items() if site in dictionaries}
         if restore:
             attach(model, restore)
+
+
+def replace_dictionary(model: Model, site: str | Site, dictionary: Dictionary) -> None:
+    """Swap the dictionary of the splice at `site` for one of the same widths, keeping the
+    installed edit (cheap enough to do every training step)."""
+    entry = _registry(model).get(Site.parse(site))
+    if entry is None:
+        raise UserInputError(f"no dictionary is attached at {site}; attached: {_names(model)}")
+    old, new = entry.dictionary.config, dictionary.config
+    if (old.d_in, old.output_dim, old.in_site) != (new.d_in, new.output_dim, new.in_site):
+        raise UserInputError(
+            f"the dictionary replacing the one at {site} has other widths or sites"
+        )
+    entry.dictionary = dictionary
 
 
 def attached(model: Model) -> SiteMap:
@@ -244,6 +260,7 @@ __all__ = [
     "attach",
     "attached",
     "detach",
+    "replace_dictionary",
     "spliced",
     "temporarily_attached",
 ]

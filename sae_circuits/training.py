@@ -23,55 +23,102 @@ import math
 import os
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sae_circuits.dictionary import Dictionary, DictionaryConfig
+from sae_circuits.batches import TokenBatch
+from sae_circuits.dictionary import Dictionary, DictionaryConfig, TrainingForward
 from sae_circuits.errors import UserInputError
+from sae_circuits.models import model_name
+from sae_circuits.objectives import CleanRun, clean_run, downstream_sites, spliced_loss
 from sae_circuits.progress import new_progress
+from sae_circuits.protocols import Model
 from sae_circuits.resampling import RESAMPLE_TARGETS, Resampler
 from sae_circuits.sites import Site
+from sae_circuits.sparse_codes import SparseCodes
+from sae_circuits.splice import replace_dictionary, temporarily_attached
 
 Batch = dict[str, torch.Tensor]
 
 KINDS = tuple(kind for kind, cls in Dictionary.registry.items() if cls.trainable)
-TOP_K_KINDS = tuple(kind for kind in KINDS if Dictionary.registry[kind].top_k)
+TOP_K_KINDS = tuple(kind for kind in KINDS if Dictionary.registry[kind].sparsities == ("topk",))
 REPORT_KINDS = tuple(kind for kind in KINDS if Dictionary.registry[kind].decoder_bias)  # held at 0
-SPARSITIES = ("l1", "entropy", "topk")
+SPARSITIES = ("l1", "entropy", "l0", "topk")
 RECIPES = ("standard", "report")
+LOSSES = ("mse", "kl", "e2e-ds")
 CHECKPOINT_FILE = "checkpoint.pt"
 _EPS = 1e-9
+_STATS = ("mse", "sparsity", "l0", "loss")  # the running means a member keeps
 
 
 @dataclass
 class TrainSpec:
     """One dictionary to train.
 
-    Losses per input `x` with reconstruction `x̂` and features `f`:
+    Losses per input `x` with reconstruction `x̂` (of `x`, or for a transcoder of the entry
+    `target_key`) and features `f`:
     - recipe "standard": `‖x − x̂‖² + l1 · S(f)`;
     - recipe "report" (Sharkey et al.): `(1/d)‖x − x̂‖² + (l1/d_dict) · S(f)`, no decoder bias,
       orthogonal initialisation;
-    where `S` is the L1 norm (`sparsity="l1"`), the entropy of `f / Σf` (`"entropy"`), or nothing
-    for top-k dictionaries (`kind="topk"`, `sparsity="topk"`, which keep the `k` largest features).
+    where `S` is the L1 norm (`sparsity="l1"`), the entropy of `f / Σf` (`"entropy"`), a
+    straight-through L0 (`"l0"`, kind jumprelu), or nothing for top-k kinds (`"topk"`: topk,
+    batchtopk, and transcoders given `k`), which keep `k` features per input and add the AuxK loss
+    `aux_coefficient · ‖e − ê‖²` (e the residual `x − x̂`, ê its reconstruction by the `aux_k` largest
+    dead latents). `loss="kl"` replaces `‖x − x̂‖²` by KL(clean ‖ spliced) of the next-token
+    distributions with the dictionary spliced into the model, `"e2e-ds"` adds
+    `downstream_coefficient` × the mean normalized MSE of the later residual-stream sites
+    (Braun et al. 2024).
     """
 
     key: str = field(metadata={"help": "the entry of the stream's batches to train on"})
     kind: str = field(default="untied", metadata={"help": "dictionary kind", "choices": KINDS})
+    loss: str = field(
+        default="mse",
+        metadata={
+            "help": "reconstruction objective: squared error (mse), KL of the next-token "
+            "distributions through the spliced model (kl), or KL plus downstream squared errors "
+            "(e2e-ds)",
+            "choices": LOSSES,
+        },
+    )
     d_dict: int = field(default=4096, metadata={"help": "dictionary size: number of features"})
     l1: float = field(default=1e-3, metadata={"help": "sparsity coefficient"})
     sparsity: str = field(
         default="l1",
         metadata={
-            "help": "sparsity penalty: L1 norm or entropy of the features (kind topk: topk)",
+            "help": "sparsity penalty: L1 norm or entropy of the features, L0 (jumprelu), none "
+            "(topk kinds: topk)",
             "choices": SPARSITIES,
         },
     )
     k: int | None = field(
-        default=None, metadata={"help": "active features per input of a topk dictionary"}
+        default=None, metadata={"help": "active features per input of a top-k dictionary"}
+    )
+    aux_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "AuxK: dead latents that reconstruct the residual (top-k kinds; default: half "
+            "the output width; 0: off)"
+        },
+    )
+    aux_coefficient: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss"})
+    downstream_coefficient: float = field(
+        default=1.0, metadata={"help": "e2e-ds: weight of the downstream normalized MSE"}
+    )
+    target_key: str | None = field(
+        default=None, metadata={"help": "transcoders: the stream entry to reconstruct"}
+    )
+    skip: bool = field(
+        default=False, metadata={"help": "transcoders: add a linear skip connection"}
+    )
+    init: str | None = field(
+        default=None,
+        metadata={"help": "start from the weights of this dictionary folder", "metavar": "DIR"},
     )
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     warmup_steps: int = field(default=1000, metadata={"help": "steps of linear LR warm-up"})
@@ -132,17 +179,22 @@ class TrainSpec:
     seed: int = field(default=0, metadata={"help": "random seed"})
 
     def __post_init__(self) -> None:
-        top_k = self.kind in TOP_K_KINDS
-        if top_k and self.sparsity == "l1":
-            self.sparsity = "topk"
+        if self.kind not in KINDS:
+            raise UserInputError(f"TrainSpec({self.key!r}): kind must be one of {', '.join(KINDS)}")
+        sparsities = Dictionary.registry[self.kind].sparsities
+        if self.sparsity == "l1" and (self.k or "l1" not in sparsities):
+            # the default names the kind's own penalty: topk given k, else the kind's first
+            self.sparsity = "topk" if self.k and "topk" in sparsities else sparsities[0]
+        top_k = self.sparsity == "topk"
+        transcoder = self.kind == "transcoder"
         checks = [
-            (self.kind in KINDS, f"kind must be one of {', '.join(KINDS)}"),
-            (self.sparsity in SPARSITIES, f"sparsity must be one of {', '.join(SPARSITIES)}"),
             (
-                top_k == (self.sparsity == "topk"),
-                f'sparsity="topk" ⇔ a top-k kind ({", ".join(TOP_K_KINDS)})',
+                self.sparsity in sparsities,
+                f"a {self.kind} dictionary trains with sparsity {' or '.join(sparsities)}",
             ),
             (not top_k or (self.k or 0) >= 1, f"a {self.kind} dictionary needs k >= 1"),
+            (top_k or self.k is None, f"k is for top-k dictionaries, not sparsity {self.sparsity}"),
+            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
             (self.recipe in RECIPES, f"recipe must be one of {', '.join(RECIPES)}"),
             (
                 self.recipe != "report" or self.kind in REPORT_KINDS,
@@ -168,10 +220,35 @@ class TrainSpec:
                 self.resample_target in RESAMPLE_TARGETS,
                 f"resample_target must be one of {', '.join(RESAMPLE_TARGETS)}",
             ),
+            (self.aux_k is None or self.aux_k >= 0, "aux_k must be >= 0"),
+            (
+                self.aux_coefficient >= 0 and self.downstream_coefficient >= 0,
+                "aux_coefficient and downstream_coefficient must be >= 0",
+            ),
+            (
+                transcoder == (self.target_key is not None),
+                "a transcoder needs target_key (the entry it reconstructs); other kinds "
+                "reconstruct their input",
+            ),
+            (transcoder or not self.skip, "skip connections are for transcoders"),
+            (
+                not transcoder or not self.resample_every,
+                "transcoders are not resampled (input and output differ); top-k transcoders "
+                "revive dead latents with AuxK",
+            ),
+            (
+                not transcoder or self.loss == "mse",
+                "transcoders train with loss mse",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserInputError(f"TrainSpec({self.key!r}): {message}")
+
+    @property
+    def through_model(self) -> bool:
+        """Whether the loss needs the spliced model (not only activations)."""
+        return self.loss != "mse"
 
 
 def learning_rate(spec: TrainSpec, step: int, steps: int) -> float:
@@ -185,7 +262,7 @@ def learning_rate(spec: TrainSpec, step: int, steps: int) -> float:
 
 
 def train_dictionaries(
-    source: Iterable[Batch],
+    source: Iterable[Batch] | Iterable[TokenBatch],
     specs: list[TrainSpec],
     steps: int,
     *,
@@ -195,12 +272,18 @@ def train_dictionaries(
     resume: bool = True,
     progress: bool = True,
     site_names: Mapping[str, str | Site] | None = None,
-    model: str | None = None,
+    model: str | Model | None = None,
     normalize_batches: int = 8,
     log_every: int = 10,
     device: str | torch.device = "cpu",
 ) -> list[Dictionary]:
     """Train one dictionary per spec for `steps` batches of `source`, all in the same pass.
+
+    `source` yields activation batches, or, when `model` is the language model itself (needed by
+    the `kl` and `e2e-ds` losses), token batches (`ids` or `(ids, attention_mask)`): each is run
+    clean once, and every dictionary trains on the activations of its site (stream keys are then
+    site names) or through the spliced model (`sae_circuits.objectives`). `model` as a string is
+    only the name written into the configs.
 
     `d_in` (widths per key) is read from the first batch when not given. With `checkpoint_dir`,
     the full state (dictionaries, Adam, resampling counters, RNGs, the stream's state) is written
@@ -209,30 +292,44 @@ def train_dictionaries(
     it is folded into the returned weights, so they work on raw activations, and recorded as
     `hyperparameters["activation_scale"]`. `site_names` maps keys to the sites written into the
     configs (default: the key, if it names a site). Each dictionary's config records its spec,
-    `steps` and `tokens`, and `metrics` gets `train_mse`, `train_sparsity`, `train_l0` (means over
-    the last `log_every` steps), `train_dead` and `train_dead_fraction`.
+    `steps` and `tokens`, and `metrics` gets `train_mse`, `train_sparsity`, `train_l0`,
+    `train_loss` (means over the last `log_every` steps), `train_dead` and `train_dead_fraction`.
     """
     if not specs:
         raise UserInputError("no dictionaries to train")
     if steps < 1 or checkpoint_every < 1 or log_every < 1 or normalize_batches < 1:
         raise UserInputError("steps, checkpoint_every, log_every, normalize_batches must be >= 1")
+    language_model = None if model is None or isinstance(model, str) else model
+    _check_objectives(specs, language_model)
     device = torch.device(device)
     path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     state = _load_checkpoint(path, specs, source) if path and resume and path.is_file() else None
 
     stream = _Stream(source, state["stream"]["pending"] if state else [])
+    reader = _BatchReader(language_model, specs)
     if state:
         widths, scales, start = state["d_in"], state["scales"], state["step"]
     else:
         normalized = sorted({spec.key for spec in specs if spec.normalize})
-        first = stream.peek(normalize_batches if normalized else 1)
+        first = [reader.read(raw) for raw in stream.peek(normalize_batches if normalized else 1)]
         widths = _input_widths(first[0], specs, d_in)
         scales = {key: _activation_scale(first, key) for key in normalized}
         start = 0
-    sites = {key: _config_site(key, site_names or {}) for key in {spec.key for spec in specs}}
+    names = site_names or {}
+    keys = {spec.key for spec in specs} | {spec.target_key for spec in specs if spec.target_key}
+    sites = {key: _config_site(key, names) for key in keys}
     indicators = _Indicators()
     members = [
-        _Member(spec, widths[spec.key], sites[spec.key], model, device, indicators)
+        _Member(
+            spec,
+            widths[spec.key],
+            widths.get(spec.target_key),
+            sites,
+            model_name(language_model) if language_model is not None else model,
+            device,
+            scales.get(spec.key) if spec.normalize else None,
+            indicators,
+        )
         for spec in specs
     ]
     if state:
@@ -240,12 +337,13 @@ def train_dictionaries(
             member.load_state(member_state)
 
     done = start
-    with _ProgressBar(progress, steps, start) as bar:
+    with _ProgressBar(progress, steps, start) as bar, reader.splices(members):
         for step in range(start, steps):
-            batch = stream.next()
-            if batch is None:
+            raw = stream.next()
+            if raw is None:
                 warnings.warn(f"the stream ended after {step} of {steps} steps", stacklevel=2)
                 break
+            batch = reader.read(raw)
             inputs: dict[tuple[str, bool], torch.Tensor] = {}
             for member in members:
                 spec = member.spec
@@ -253,7 +351,8 @@ def train_dictionaries(
                     x = batch[spec.key].to(device, torch.float32)
                     inputs[spec.key, spec.normalize] = x * scales[spec.key] if spec.normalize else x
                 x = inputs[spec.key, spec.normalize]
-                member.step(x, learning_rate(spec, step, steps))
+                target = batch[spec.target_key].to(device, torch.float32) if spec.target_key else x
+                member.step(x, target, learning_rate(spec, step, steps), reader.objective(member))
                 if (
                     spec.resample_every
                     and (step + 1) % spec.resample_every == 0
@@ -271,6 +370,96 @@ def train_dictionaries(
         member.finish(done, scales[member.spec.key] if member.spec.normalize else None)
         for member in members
     ]
+
+
+def _check_objectives(specs: list[TrainSpec], language_model: Model | None) -> None:
+    through = [spec for spec in specs if spec.through_model]
+    if through and language_model is None:
+        raise UserInputError(
+            f"loss {through[0].loss} trains through the model: pass the language model as model="
+        )
+    for spec in through:
+        if spec.normalize:
+            raise UserInputError(
+                f"TrainSpec({spec.key!r}): loss {spec.loss} trains on raw activations; "
+                "normalize is for mse (an --init dictionary trained normalized has its scale folded)"
+            )
+    if language_model is not None:
+        for spec in specs:
+            for key in filter(None, (spec.key, spec.target_key)):
+                try:
+                    Site.parse(key).resolve(language_model)
+                except UserInputError as error:
+                    raise UserInputError(
+                        f"training on token batches: stream key {key!r} must be a site ({error})"
+                    ) from None
+
+
+class _BatchReader:
+    """Turns what the source yields into activation batches: as is, or (with a language model)
+    by a clean run of a token batch, which the kl and e2e-ds members then train against."""
+
+    def __init__(self, language_model: Model | None, specs: list[TrainSpec]) -> None:
+        self.model = language_model
+        keys = {k for spec in specs for k in (spec.key, spec.target_key) if k}
+        self.sites = sorted(Site.parse(key) for key in keys) if language_model is not None else []
+        if language_model is not None:
+            downstream = {
+                Site.parse(spec.key): downstream_sites(language_model, Site.parse(spec.key))
+                for spec in specs
+                if spec.loss == "e2e-ds"
+            }
+            self.downstream = downstream
+            self.sites = sorted({*self.sites, *(s for ss in downstream.values() for s in ss)})
+        self.clean: CleanRun | None = None
+        self.slots: dict[Site, Dictionary] = {}  # the dictionary each splice holds between steps
+
+    def read(self, raw: Batch | TokenBatch) -> Batch:
+        if self.model is None:
+            return raw
+        for site, dictionary in self.slots.items():  # the clean run passes the same splices
+            replace_dictionary(self.model, site, dictionary)
+        self.clean = clean_run(self.model, raw, self.sites)
+        return {str(site): self.clean.scored_activations(site) for site in self.sites}
+
+    @contextmanager
+    def splices(self, members: list[_Member]) -> Iterator[None]:
+        """One splice per site trained through the model, its dictionary swapped per member; the
+        model's own weights frozen meanwhile."""
+        through = {}
+        for member in members:
+            if member.spec.through_model:
+                through.setdefault(Site.parse(member.spec.key), member.dictionary)
+        if not through:
+            yield
+            return
+        self.slots = through
+        frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with temporarily_attached(self.model, through):
+                yield
+        finally:
+            self.slots = {}
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def objective(self, member: _Member) -> Callable[[], torch.Tensor] | None:
+        """The loss of a kl or e2e-ds member on the current batch (None: mse)."""
+        spec = member.spec
+        if not spec.through_model:
+            return None
+        site = Site.parse(spec.key)
+
+        def loss() -> torch.Tensor:
+            replace_dictionary(self.model, site, member.dictionary)
+            downstream = self.downstream.get(site) if spec.loss == "e2e-ds" else None
+            return spliced_loss(
+                self.model, site, self.clean, downstream, spec.downstream_coefficient
+            )
+
+        return loss
 
 
 class _Indicators:
@@ -298,15 +487,25 @@ class _Member:
         self,
         spec: TrainSpec,
         d_in: int,
-        site: Site | None,
+        d_out: int | None,
+        sites: Mapping[str, Site | None],
         model: str | None,
         device: torch.device,
+        scale: float | None = None,
         indicators: _Indicators | None = None,
     ) -> None:
         self.spec = spec
         self.indicators = indicators or _Indicators()
         config = DictionaryConfig(
-            kind=spec.kind, d_in=d_in, d_dict=spec.d_dict, site=site, model=model, k=spec.k
+            kind=spec.kind,
+            d_in=d_in,
+            d_dict=spec.d_dict,
+            in_site=sites[spec.key],
+            out_site=sites[spec.target_key or spec.key],
+            model=model,
+            d_out=d_out if spec.target_key else None,
+            k=spec.k,
+            skip=spec.skip,
         )
         report = spec.recipe == "report"
         with torch.random.fork_rng(devices=[]):
@@ -314,14 +513,27 @@ class _Member:
             self.dictionary = Dictionary.from_config(config)
             if report:
                 self.dictionary.orthogonal_init()
+        if spec.init is not None:
+            _initialise_from(self.dictionary, spec.init, scale)
         self.dictionary.to(device)
         frozen = self.dictionary.decoder_bias if report else None  # the report recipe: held at 0
-        params = [p for name, p in self.dictionary.named_parameters() if name != frozen]
         if frozen is not None:
             getattr(self.dictionary, frozen).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(params, lr=spec.lr)
+        scales = self.dictionary.learning_rate_scales
+        groups: dict[float, list[torch.nn.Parameter]] = {}
+        for name, p in self.dictionary.named_parameters():
+            if name != frozen:
+                groups.setdefault(scales.get(name, 1.0), []).append(p)
+        self.optimizer = torch.optim.Adam(
+            [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()], lr=spec.lr
+        )
         self.mse_scale = 1.0 / d_in if report else 1.0
         self.penalty = 0.0 if spec.sparsity == "topk" else spec.l1 / (spec.d_dict if report else 1)
+        self.aux_k = (
+            (config.output_dim // 2 if spec.aux_k is None else spec.aux_k)
+            if (spec.sparsity == "topk")
+            else 0
+        )
         self.generator = torch.Generator(device).manual_seed(spec.seed)
         self.resampler = Resampler(
             self.dictionary,
@@ -332,37 +544,66 @@ class _Member:
             target=spec.resample_target,
             generator=self.generator,
         )
-        self.totals = torch.zeros(
-            3, device=device
-        )  # sums of mse, sparsity, L0 since the last flush
+        self.totals = torch.zeros(len(_STATS), device=device)  # sums since the last flush
         self.count = 0
-        self.stats = torch.full((3,), math.nan)
+        self.stats = torch.full((len(_STATS),), math.nan)
         self.tokens = 0
 
-    def step(self, x: torch.Tensor, lr: float) -> None:
+    def step(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        lr: float,
+        objective: Callable[[], torch.Tensor] | None = None,
+    ) -> None:
+        """One optimizer step on inputs `x` reconstructing `target` (`x` itself but for
+        transcoders); `objective` replaces the squared error in the loss (kl, e2e-ds)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         if self.spec.noise_std:
             noise = torch.randn(x.shape, generator=self.generator, device=x.device)
-            x_hat, f = self.dictionary(x + self.spec.noise_std * noise)
+            out = self.dictionary.training_forward(x + self.spec.noise_std * noise)
         else:
-            x_hat, f = self.dictionary(x)
-        mse = (x_hat - x).pow(2).sum(-1).mean()
-        sparsity = _entropy(f) if self.spec.sparsity == "entropy" else f.sum(-1).mean()
-        loss = (
-            self.mse_scale * mse + self.penalty * sparsity if self.penalty else self.mse_scale * mse
-        )
+            out = self.dictionary.training_forward(x)
+        mse = (out.x_hat - target).pow(2).sum(-1).mean()
+        sparsity = self._sparsity(out)
+        loss = self.mse_scale * mse if objective is None else objective()
+        if self.penalty:
+            loss = loss + self.penalty * sparsity
+        if self.aux_k:
+            aux = self.dictionary.auxiliary_reconstruction(
+                x, out.pre, self.resampler.dead, self.aux_k
+            )
+            if aux is not None:
+                residual = (target - out.x_hat).detach()
+                aux_loss = (residual - aux).pow(2).sum(-1).mean()
+                loss = loss + self.spec.aux_coefficient * self.mse_scale * aux_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.dictionary.project_decoder_gradient()
         self.optimizer.step()
         self.dictionary.normalize_decoder()
         with torch.no_grad():
-            active = self.indicators.of(f)
-            self.resampler.observe(x, active)
-            self.totals += torch.stack([mse.detach(), sparsity.detach(), active.sum() / len(x)])
+            fire_counts = self._fire_counts(out.features)
+            self.resampler.observe(x, fire_counts)
+            l0 = fire_counts.sum() / len(x)
+            self.totals += torch.stack([mse.detach(), sparsity.detach(), l0, loss.detach()])
         self.count += 1
         self.tokens += len(x)
+
+    def _sparsity(self, out: TrainingForward) -> torch.Tensor:
+        """The penalty's S(f) (for the statistics also when there is no penalty: then L1)."""
+        if self.spec.sparsity == "entropy":
+            return _entropy(out.features)
+        if self.spec.sparsity == "l0":
+            return out.l0.mean()
+        values = out.features.values if isinstance(out.features, SparseCodes) else out.features
+        return values.sum() / out.x_hat.shape[0]
+
+    def _fire_counts(self, features: torch.Tensor | SparseCodes) -> torch.Tensor:
+        if isinstance(features, SparseCodes):
+            return features.fire_counts()
+        return self.indicators.of(features).sum(0)
 
     def flush_stats(self) -> None:
         if self.count:
@@ -397,9 +638,10 @@ class _Member:
         if scale is not None:  # trained on s·x
             d.fold_activation_scale(scale)
         d.requires_grad_(True)
-        mse, sparsity, l0 = (float(v) for v in self.stats)
+        mse, sparsity, l0, loss = (float(v) for v in self.stats)
         if scale is not None:  # metrics in raw units, like the weights
             mse /= scale**2
+            loss = math.nan if self.penalty or self.aux_k else loss / scale**2
             sparsity /= 1.0 if self.spec.sparsity == "entropy" else scale
         dead = int(self.resampler.dead.sum())
         d.config.hyperparameters = {
@@ -412,6 +654,7 @@ class _Member:
             train_mse=mse,
             train_sparsity=sparsity,
             train_l0=l0,
+            train_loss=loss,
             train_dead=dead,
             train_dead_fraction=dead / d.d_dict,
         )
@@ -427,6 +670,27 @@ def _config_site(key: str, site_names: Mapping[str, str | Site]) -> Site | None:
         return Site.parse(key)
     except UserInputError:
         return None
+
+
+def _initialise_from(dictionary: Dictionary, folder: str, scale: float | None) -> None:
+    """Copy the weights of the dictionary in `folder` into `dictionary` (a kind with the same
+    parameters, or more: e.g. untied into topk); with `scale`, moved to scaled activations."""
+    start = Dictionary.load(folder)
+    if scale is not None:
+        start.fold_activation_scale(1 / scale)
+    mine, theirs = dictionary.state_dict(), start.state_dict()
+    if not set(theirs) <= set(mine):
+        raise UserInputError(
+            f"--init {folder}: a {start.kind} dictionary has weights a {dictionary.kind} one "
+            f"lacks ({', '.join(sorted(set(theirs) - set(mine)))})"
+        )
+    for name, tensor in theirs.items():
+        if tensor.shape != mine[name].shape:
+            raise UserInputError(
+                f"--init {folder}: weight {name} has shape {tuple(tensor.shape)}, this dictionary "
+                f"{tuple(mine[name].shape)} (d_in, dictionary size and output width must match)"
+            )
+    dictionary.load_state_dict(theirs, strict=False)
 
 
 def _entropy(f: torch.Tensor) -> torch.Tensor:
@@ -466,7 +730,7 @@ def _input_widths(
     batch: Batch, specs: list[TrainSpec], given: dict[str, int] | None
 ) -> dict[str, int]:
     widths = dict(given or {})
-    for key in {spec.key for spec in specs}:
+    for key in {k for spec in specs for k in (spec.key, spec.target_key) if k}:
         if key not in batch:
             raise UserInputError(
                 f"the stream has no entry {key!r}; it has {', '.join(sorted(batch))}"

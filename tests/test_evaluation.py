@@ -7,6 +7,7 @@ from conftest import random_untied
 
 from sae_circuits import METRIC_KEYS, LinearBasis, Site, evaluate, token_batches
 from sae_circuits.cli import main
+from sae_circuits.cli.tables import metrics_table
 from sae_circuits.sites import SiteMap, torch_module
 from sae_circuits.testing import SAMPLE_TEXT, site_hook
 
@@ -24,25 +25,28 @@ def hooked_logits(model, site, ids, replace=None):
 
 def plain_metrics(model, site, dictionary, groups):
     """The metrics by plain torch over `groups` of unpadded rows `(n, ctx)`, each group run on its
-    own; every position but a row's first (BOS) is reconstructed, or zero-ablated."""
-    x_parts, ce, kl, pairs = [], {"clean": 0.0, "spliced": 0.0, "zero": 0.0}, 0.0, 0
-    for ids in groups:
-        clean, x = hooked_logits(model, site, ids)
+    own; every position but a row's first (BOS) is reconstructed, zero-ablated, or replaced by the
+    mean of the site's activation over all those positions of all groups."""
+    cleans = [hooked_logits(model, site, ids) for ids in groups]
+    xs = torch.cat([x[:, 1:].reshape(-1, x.shape[-1]).double() for _, x in cleans])
+    mean = xs.mean(0).float()
+    ce = dict.fromkeys(("clean", "spliced", "zero", "mean"), 0.0)
+    kl, pairs = 0.0, 0
+    for ids, (clean, _) in zip(groups, cleans, strict=True):
         keep = torch.zeros(ids.shape, dtype=torch.bool)
         keep[:, 0] = True  # the first (BOS) position keeps its activation
+        replacements = {
+            "spliced": lambda act: dictionary(act)[0],
+            "zero": torch.zeros_like,
+            "mean": lambda act: mean.expand_as(act),
+        }
+        logits = {"clean": clean}
+        for name, replace in replacements.items():
 
-        def reconstruct(act, keep=keep):
-            return torch.where(keep[..., None], act, dictionary(act)[0])
+            def rewrite(act, replace=replace, keep=keep):
+                return torch.where(keep[..., None], act, replace(act))
 
-        def zero(act, keep=keep):
-            return torch.where(keep[..., None], act, torch.zeros_like(act))
-
-        with torch.no_grad():
-            logits = {
-                "clean": clean,
-                "spliced": hooked_logits(model, site, ids, reconstruct)[0],
-                "zero": hooked_logits(model, site, ids, zero)[0],
-            }
+            logits[name] = hooked_logits(model, site, ids, rewrite)[0]
         targets = ids[:, 1:].reshape(-1)
         log_probs = {
             name: value[:, :-1].reshape(-1, value.shape[-1]).log_softmax(-1)
@@ -53,36 +57,54 @@ def plain_metrics(model, site, dictionary, groups):
         lp_clean, lp_spliced = log_probs["clean"], log_probs["spliced"]
         kl += (lp_clean.exp() * (lp_clean - lp_spliced)).sum().item()
         pairs += targets.numel()
-        x_parts.append(x[:, 1:].reshape(-1, x.shape[-1]).double())
-    xs = torch.cat(x_parts)
     with torch.no_grad():
         x_hat, f = (t.double() for t in dictionary(xs.float()))
     ce = {name: value / pairs for name, value in ce.items()}
+    squared_error = (xs - x_hat).pow(2).sum().item()
+    variance = (xs - xs.mean(0)).pow(2).sum().item()
+    frequency = (f != 0).double().mean(0)
     return {
-        "mse": (xs - x_hat).pow(2).mean().item(),
-        "l1": f.abs().sum(-1).mean().item(),
-        "l0": (f != 0).sum(-1).double().mean().item(),
-        "frac_alive": (f != 0).any(0).double().mean().item(),
-        "fve": 1 - (xs - x_hat).pow(2).sum().item() / (xs - xs.mean(0)).pow(2).sum().item(),
-        "cosine": F.cosine_similarity(xs, x_hat, dim=-1).mean().item(),
-        "loss_recovered": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]),
-        "kl": kl / pairs,
         "ce_delta": ce["spliced"] - ce["clean"],
-        "ce_clean": ce["clean"],
-        "ce_spliced": ce["spliced"],
-        "ce_zero": ce["zero"],
+        "kl": kl / pairs,
+        "l0": (f != 0).sum(-1).double().mean().item(),
+        "loss_recovered_mean": (ce["mean"] - ce["spliced"]) / (ce["mean"] - ce["clean"]),
+        "loss_recovered": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]),
+        "nmse": squared_error / variance,
+        "fve": 1 - squared_error / variance,
+        "mse": (xs - x_hat).pow(2).mean().item(),
+        "cosine": F.cosine_similarity(xs, x_hat, dim=-1).mean().item(),
+        "l1": f.abs().sum(-1).mean().item(),
+        "frac_alive": (frequency > 0).double().mean().item(),
+        "frac_dead": (frequency == 0).double().mean().item(),
+        "frac_dense": (frequency > 0.1).double().mean().item(),
+        **{f"ce_{name}": value for name, value in ce.items()},
         "tokens": xs.shape[0],
     }
 
 
+def with_dead_and_dense(dictionary):
+    """`dictionary` with its first 8 features never firing and its next 8 firing everywhere."""
+    with torch.no_grad():
+        dictionary.W_enc[:, :16] = 0
+        dictionary.b_enc[:8] = -1.0
+        dictionary.b_enc[8:16] = 0.5
+    return dictionary
+
+
+ALL_KEYS = (*METRIC_KEYS, "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "tokens")
+
+
 def test_metrics_match_plain_torch(model):
     site = "resid.0"
-    dictionary = random_untied(model.config.hidden_size, site=site)
-    ids = token_batch(model)
-    result = evaluate(model, {site: dictionary}, [ids], progress=False)[site]
-    expected = plain_metrics(model, site, dictionary, [ids])
-    for key in METRIC_KEYS:
+    dictionary = with_dead_and_dense(random_untied(model.config.hidden_size, site=site))
+    groups = [token_batch(model), token_batch(model, n_rows=3, ctx_len=9)]
+    result = evaluate(model, {site: dictionary}, groups, progress=False)[site]
+    expected = plain_metrics(model, site, dictionary, groups)
+    assert set(result) == set(ALL_KEYS)
+    for key in ALL_KEYS:
         assert result[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    assert result["frac_dead"] >= 8 / 64 and result["frac_dense"] >= 8 / 64
+    assert result["nmse"] == pytest.approx(1 - result["fve"])
 
 
 def test_left_padded_batch_equals_rows_alone(model):
@@ -98,7 +120,7 @@ def test_left_padded_batch_equals_rows_alone(model):
     result = evaluate(model, {site: dictionary}, [(ids, mask)], progress=False)[site]
     expected = plain_metrics(model, site, dictionary, [row[None] for row in rows])
     assert result["tokens"] == expected["tokens"] == sum(len(row) - 1 for row in rows)
-    for key in (*METRIC_KEYS, "ce_clean", "ce_spliced", "ce_zero"):
+    for key in ALL_KEYS:
         assert result[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
 
 
@@ -139,29 +161,48 @@ def test_exact_basis_recovers_all_loss(model):
         model, {"mlp.0": LinearBasis.neurons(model.config.hidden_size)}, [ids], progress=False
     )
     assert result["mlp.0"]["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert result["mlp.0"]["loss_recovered_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert result["mlp.0"]["nmse"] == pytest.approx(0.0, abs=1e-6)
     assert result["mlp.0"]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def eval_args(model_dirs, folder, *extra):
+    tiny = ["--model", str(model_dirs["gpt_neox"]), "--tokens", "256", "--ctx-len", "32"]
+    return ["eval", *tiny, "--dictionary", str(folder), *extra]
 
 
 def test_eval_cli_json(model_dirs, tmp_path, capsys):
     folder = random_untied(32, site="resid.1").save(tmp_path / "d")
-    code = main(
-        [
-            "eval",
-            "--model",
-            str(model_dirs["gpt_neox"]),
-            "--dictionary",
-            str(folder),
-            "--tokens",
-            "256",
-            "--ctx-len",
-            "32",
-            "--json",
-        ]
-    )
-    assert code == 0
+    assert main(eval_args(model_dirs, folder, "--json")) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == set(METRIC_KEYS)
-    assert all(isinstance(v, float) for v in result.values())
+    assert list(result) == list(ALL_KEYS)
+    assert result["tokens"] == 256 - 256 // 32
+    assert all(isinstance(result[key], float) for key in ALL_KEYS if key != "tokens")
+
+
+def test_eval_table_leads_with_ce_increase_and_kl(model):
+    site = "resid.0"
+    dictionary = random_untied(model.config.hidden_size, site=site)
+    result = evaluate(model, {site: dictionary}, [token_batch(model, n_rows=2)], progress=False)
+    table = metrics_table(result)
+    assert [column.header for column in table.columns][:4] == ["site", "ce_delta", "kl", "l0"]
+    assert table.row_count == 1
+
+
+def test_eval_cli_several_shipped_sites_in_one_run(capsys):
+    """`--dictionaries SET` with several sites evaluates them in one run, keyed by site, with the
+    numbers of each site evaluated alone."""
+    tokens = ["--tokens", "256", "--ctx-len", "64", "--json"]
+    assert (
+        main(["eval", "--dictionaries", "main", "--site", "resid.0", "--site", "mlp.0", *tokens])
+        == 0
+    )
+    both = json.loads(capsys.readouterr().out)
+    assert list(both) == ["mlp.0", "resid.0"]
+    assert main(["eval", "--dictionaries", "main", "--site", "resid.0", *tokens]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    for key in ALL_KEYS:
+        assert both["resid.0"][key] == pytest.approx(alone[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize(
@@ -171,6 +212,7 @@ def test_eval_cli_json(model_dirs, tmp_path, capsys):
         (["--site", "bogus"], "unknown site"),
         (["--dictionary", "/nonexistent/dir"], "not found"),
         (["--text", "/nonexistent.txt"], "not found"),
+        (["--site", "resid.0", "--site", "resid.1"], "at most one --site"),
     ],
 )
 def test_eval_cli_bad_input_exits_2_with_one_line(model_dirs, tmp_path, capsys, extra, message):

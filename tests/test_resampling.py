@@ -32,7 +32,7 @@ def step(resampler: Resampler, x: torch.Tensor, l1: float = 1e-3) -> None:
     d.project_decoder_gradient()
     resampler.optimizer.step()
     d.normalize_decoder()
-    resampler.observe(x, (f > 0).float())
+    resampler.observe(x, (f > 0).sum(0))
 
 
 def test_resample_reinitialises_dead_features() -> None:

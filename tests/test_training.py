@@ -110,8 +110,13 @@ def test_steps_match_plain_torch(recipe: str) -> None:
 
 def test_decoder_norm_stays_one() -> None:
     specs = [
-        TrainSpec("x", kind=kind, d_dict=64, k=4, lr=3e-2, warmup_steps=0)
-        for kind in ("untied", "topk")
+        TrainSpec("x", kind=kind, d_dict=64, lr=3e-2, warmup_steps=0, **extra)
+        for kind, extra in (
+            ("untied", {}),
+            ("topk", {"k": 4}),
+            ("batchtopk", {"k": 4}),
+            ("jumprelu", {"l1": 1e-2}),
+        )
     ]
     for d in train_dictionaries(PlantedSource(), specs, 40, progress=False):
         torch.testing.assert_close(d.W_dec.norm(dim=1), torch.ones(64), rtol=0, atol=1e-5)
@@ -120,9 +125,10 @@ def test_decoder_norm_stays_one() -> None:
 def test_projected_gradient_is_tangent_and_has_no_history() -> None:
     """The projected decoder gradient is orthogonal to each (unit) row and carries no autograd
     graph (a graph there would grow with every step)."""
-    member = _Member(TrainSpec("x", d_dict=64), D, None, None, torch.device("cpu"))
+    member = _Member(TrainSpec("x", d_dict=64), D, None, {"x": None}, None, torch.device("cpu"))
     member.optimizer.step = lambda: None  # keep the weights the gradient was projected against
-    member.step(next(iter(PlantedSource()))["x"], 1e-3)
+    x = next(iter(PlantedSource()))["x"]
+    member.step(x, x, 1e-3)
     decoder = member.dictionary.W_dec
     grad, rows = decoder.grad, decoder.detach()
     assert grad.grad_fn is None and not grad.requires_grad
@@ -286,7 +292,7 @@ def test_normalisation_is_folded_into_weights() -> None:
 
 
 def test_trainable_kinds_come_from_the_dictionary_classes() -> None:
-    assert KINDS == ("tied", "untied", "topk")
+    assert KINDS == ("tied", "untied", "topk", "batchtopk", "jumprelu", "transcoder")
 
 
 def test_bad_input_raises_user_input_error() -> None:
@@ -352,10 +358,11 @@ def test_trained_weights_are_unchanged() -> None:
             **common,
         ),
         TrainSpec("x", kind="tied", resample_target="residual", resample_min_fires=300, **common),
-        TrainSpec(
+        TrainSpec(  # AuxK off: the recorded run predates it
             "x",
             kind="topk",
             k=3,
+            aux_k=0,
             normalize=True,
             resample_target="residual",
             resample_duplicates=0.3,

@@ -18,6 +18,7 @@ from sae_circuits.cli.common import (
     console,
     print_json,
 )
+from sae_circuits.dictionary import Dictionary
 from sae_circuits.errors import UserInputError
 from sae_circuits.evaluation import METRIC_KEYS
 from sae_circuits.models import is_embedded, load_model
@@ -32,8 +33,14 @@ TRAIN_DEFAULTS = TrainSpec(key="", warmup_steps=200, dead_window=500)
 # TrainSpec fields set by options of their own name (d_dict and l1 span the grid: --dict-size, --l1)
 SPEC_OPTIONS = (
     "kind",
+    "loss",
     "sparsity",
     "k",
+    "aux_k",
+    "aux_coefficient",
+    "downstream_coefficient",
+    "skip",
+    "init",
     "lr",
     "warmup_steps",
     "decay_start",
@@ -57,11 +64,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "buffer and train a grid of dictionaries (every --site x --dict-size x --l1) in one "
             "pass. Each dictionary is evaluated on held-out text and saved with its config and "
             "metrics: in OUT/<site>/ when there is one dictionary per site, otherwise in "
-            "OUT/<site>/<kind>_<size>_l1-<l1>/. An interrupted run resumes from OUT/.checkpoint."
+            "OUT/<site>/<kind>_<size>_l1-<l1>/ (top-k: _k-<k>). An interrupted run resumes from "
+            "OUT/.checkpoint. "
+            "With --loss kl or e2e-ds the dictionaries train through the spliced model on "
+            "token contexts (about --batch-size tokens per step) instead of shuffled activations."
         ),
     )
     add_model_argument(parser)
     parser.add_argument("--site", action="append", required=True, help="site (repeatable)")
+    parser.add_argument(
+        "--target-site",
+        action="append",
+        help="--kind transcoder: the site each --site's transcoder reconstructs, in the same "
+        "order (e.g. --site mlp_in.1 --target-site mlp.1)",
+    )
     parser.add_argument(
         "--dict-size",
         type=int,
@@ -90,7 +106,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser,
         TRAIN_DEFAULTS,
         SPEC_OPTIONS,
-        {"sparsity": {"choices": ("l1", "entropy")}},  # topk goes with --kind topk
+        {"sparsity": {"choices": ("l1", "entropy", "l0")}},  # topk goes with --k
         {"seed": "also of the text order and the buffer's shuffling"},
     )
     parser.set_defaults(run=run)
@@ -100,10 +116,9 @@ def run(args: argparse.Namespace) -> int:
     sites = [Site.parse(site) for site in args.site]
     if len(set(sites)) != len(sites):
         raise UserInputError("a site is given twice")
+    targets = _target_sites(args, sites)
     if args.tokens < args.batch_size:
         raise UserInputError("--tokens must be at least --batch-size")
-    if args.kind == "topk" and not args.k:
-        raise UserInputError("--kind topk needs --k")
     if not args.resample_every and (
         args.resample_duplicates is not None
         or args.resample_min_fires
@@ -114,16 +129,20 @@ def run(args: argparse.Namespace) -> int:
             "resampling: give --resample-every too"
         )
     options = option_values(args, SPEC_OPTIONS)
-    if args.kind == "topk":
-        options["sparsity"] = "topk"
+    sizes = args.dict_size or [_init_size(args.init) or TRAIN_DEFAULTS.d_dict]
     specs = [
-        replace(TRAIN_DEFAULTS, key=str(site), d_dict=size, l1=l1, **options)
-        for site, size, l1 in itertools.product(
-            sites, args.dict_size or [TRAIN_DEFAULTS.d_dict], args.l1 or [TRAIN_DEFAULTS.l1]
+        replace(
+            TRAIN_DEFAULTS,
+            key=str(site),
+            target_key=str(targets[site]) if targets else None,
+            d_dict=size,
+            l1=l1,
+            **options,
         )
+        for site, size, l1 in itertools.product(sites, sizes, args.l1 or [TRAIN_DEFAULTS.l1])
     ]
     model = load_model(args.model, device=args.device)
-    for site in sites:
+    for site in [*sites, *targets.values()]:
         site.resolve(model)
     embedded = is_embedded(model)
     saved = train_and_evaluate(
@@ -157,6 +176,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         console.print(results_table(rows))
     return 0
+
+
+def _target_sites(args: argparse.Namespace, sites: list[Site]) -> dict[Site, Site]:
+    """The site each transcoder reconstructs, by the site it reads (empty for other kinds)."""
+    if args.kind != "transcoder":
+        if args.target_site:
+            raise UserInputError("--target-site is for --kind transcoder")
+        return {}
+    if not args.target_site or len(args.target_site) != len(sites):
+        raise UserInputError("--kind transcoder needs one --target-site per --site")
+    return dict(zip(sites, (Site.parse(t) for t in args.target_site), strict=True))
+
+
+def _init_size(folder: str | None) -> int | None:
+    """The dictionary size of the --init dictionary (the default --dict-size then)."""
+    return None if folder is None else Dictionary.load(folder).d_dict
 
 
 def _train_key(metric: str) -> str:
