@@ -149,3 +149,61 @@ def test_resampling_options_reach_the_trainer(model_dirs, tmp_path, capsys):
     assert hyperparameters["resample_duplicates"] == 0.8
     assert hyperparameters["resample_min_fires"] == 2
     assert hyperparameters["resample_target"] == "residual"
+
+
+def test_transcoder_and_kl_finetune_from_the_command_line(model_dirs, tmp_path, capsys):
+    """A skip top-k transcoder mlp_in.0 -> mlp.0, then a top-k dictionary fine-tuned with the KL
+    objective from an MSE one (--init): each saved, loadable, with its objective recorded."""
+    model = str(model_dirs["gpt_neox"])
+    common = ["--model", model, "--tokens", "512", *ARGS, "--json"]
+    (row,) = run_json(
+        capsys,
+        [
+            "train",
+            "--site",
+            "mlp_in.0",
+            "--target-site",
+            "mlp.0",
+            "--kind",
+            "transcoder",
+            "--k",
+            "4",
+            "--skip",
+            "--dict-size",
+            "32",
+            "--out",
+            str(tmp_path / "tc"),
+            *common,
+        ],
+    )
+    transcoder = Dictionary.load(row["path"])
+    assert row["path"] == str(tmp_path / "tc" / "mlp.0")
+    assert (transcoder.config.in_site, transcoder.config.out_site) == (
+        Site.parse("mlp_in.0"),
+        Site.parse("mlp.0"),
+    )
+    assert transcoder.config.skip and transcoder.W_skip.abs().sum() > 0
+    base = ["train", "--site", "resid.0", "--kind", "topk", "--k", "4", *common]
+    (mse,) = run_json(capsys, [*base, "--dict-size", "32", "--out", str(tmp_path / "mse")])
+    (kl,) = run_json(
+        capsys, [*base, "--loss", "kl", "--init", mse["path"], "--out", str(tmp_path / "kl")]
+    )
+    tuned = Dictionary.load(kl["path"])
+    assert tuned.d_dict == 32 and tuned.config.hyperparameters["loss"] == "kl"
+    assert tuned.config.hyperparameters["init"] == mse["path"]
+    assert not torch.equal(tuned.W_enc, Dictionary.load(mse["path"]).W_enc)
+    assert kl["ce_delta"] == tuned.config.metrics["ce_delta"]
+
+
+def test_train_option_conflicts_exit_2(model_dirs, tmp_path, capsys):
+    model = str(model_dirs["gpt_neox"])
+    for extra, message in (
+        (["--kind", "transcoder"], "one --target-site per --site"),
+        (["--target-site", "mlp.0"], "for --kind transcoder"),
+        (["--kind", "topk"], "needs k >= 1"),
+        (["--k", "4"], "k is for top-k"),
+        (["--loss", "kl", "--normalize"], "raw activations"),
+    ):
+        argv = ["train", "--model", model, "--site", "resid.0", "--out", str(tmp_path), *extra]
+        assert main(argv) == 2, extra
+        assert message in capsys.readouterr().err, extra

@@ -191,7 +191,9 @@ def test_resume_equals_uninterrupted(tmp_path, crash_at: int) -> None:
             noise_std=0.05,
             normalize=True,
         ),
-        TrainSpec("x", kind="topk", k=3, d_dict=48, seed=5),
+        TrainSpec("x", kind="topk", k=3, d_dict=48, seed=5, dead_window=3),  # AuxK on
+        TrainSpec("x", kind="batchtopk", k=3, d_dict=32, seed=3),  # with its threshold
+        TrainSpec("x", kind="jumprelu", d_dict=32, l1=1e-2, resample_every=8, dead_window=4),
         TrainSpec(  # activation counts and the input pool are checkpointed too
             "x",
             d_dict=32,
