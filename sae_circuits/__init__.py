@@ -4,6 +4,16 @@ Train and evaluate sparse autoencoders, patch and ablate their features, and dis
 circuits, all as ordinary nnsight traces over a model with dictionaries spliced in.
 """
 
+from sae_circuits.autointerp import (
+    ChatClient,
+    LLMExplainer,
+    LLMJudge,
+    OfflineExplainer,
+    OfflineSimulator,
+    interpret,
+    score_explanation,
+    unit_contexts,
+)
 from sae_circuits.buffer import ActivationBuffer
 from sae_circuits.circuits import (
     Circuit,
@@ -39,10 +49,26 @@ from sae_circuits.nodes import Node
 from sae_circuits.patching_curves import PatchingCurve, compare_bases, patching_curve
 from sae_circuits.protocols import Model
 from sae_circuits.sites import Site, SiteMap, read_site, valid_sites, write_site
+from sae_circuits.sparse_codes import (
+    SparseCodes,
+    gather_linear,
+    select_batch_topk,
+    select_threshold,
+    select_topk,
+    sparse_decode,
+)
 from sae_circuits.splice import attach, attached, detach, spliced, temporarily_attached
 from sae_circuits.tasks import Task, load_task
 from sae_circuits.text import read_documents, token_batches
 from sae_circuits.training import TrainSpec, train_dictionaries
+from sae_circuits.views import (
+    circuit_view,
+    dictionary_view,
+    feature_view,
+    node_reports,
+    notebook_html,
+    write_page,
+)
 
 __version__ = "0.1.0"
 
@@ -98,4 +124,24 @@ __all__ = [
     "token_batches",
     "valid_sites",
     "write_site",
+    "ChatClient",
+    "LLMExplainer",
+    "LLMJudge",
+    "OfflineExplainer",
+    "OfflineSimulator",
+    "interpret",
+    "score_explanation",
+    "unit_contexts",
+    "SparseCodes",
+    "gather_linear",
+    "select_batch_topk",
+    "select_threshold",
+    "select_topk",
+    "sparse_decode",
+    "circuit_view",
+    "dictionary_view",
+    "feature_view",
+    "node_reports",
+    "notebook_html",
+    "write_page",
 ]

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -27,9 +27,13 @@ from torch import nn
 from sae_circuits.errors import UserInputError
 from sae_circuits.resources import asset_dir
 from sae_circuits.sites import Site, SiteMap
-
-if TYPE_CHECKING:
-    from sae_circuits.sparse_codes import SparseCodes
+from sae_circuits.sparse_codes import (
+    SparseCodes,
+    gather_linear,
+    select_batch_topk,
+    select_topk,
+    sparse_decode,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -420,8 +424,6 @@ class TopKDictionary(UntiedDictionary):
         return _topk_encode(self, x)
 
     def training_forward(self, x: torch.Tensor) -> TrainingForward:
-        from sae_circuits.sparse_codes import select_topk
-
         return _topk_training_forward(self, x, select_topk)
 
     def auxiliary_reconstruction(
@@ -444,17 +446,13 @@ def _topk_training_forward(
 ) -> TrainingForward:
     """One dense encoder product picks the active latents (`select(pre, k)`); their values, the
     decoding and every gradient then touch only those latents (`sae_circuits.sparse_codes`)."""
-    from sae_circuits import sparse_codes
-
-    with torch.no_grad():
-        pre = d.pre_activations(x)
-    rows, latents = select(pre, min(d.config.k, d.d_dict))
     centered = d.centered(x)
-    values = torch.relu(
-        sparse_codes.gather_linear(centered, d.W_enc, d.b_enc, rows, latents, pre=pre)
-    )
-    codes = sparse_codes.SparseCodes(rows, latents, values, len(x), d.d_dict)
-    x_hat = sparse_codes.sparse_decode(values, rows, latents, d.W_dec, len(x)) + d.b_dec
+    with torch.no_grad():
+        pre = (centered @ d.W_enc).add_(d.b_enc)  # = pre_activations(x), without a second buffer
+    rows, latents = select(pre, min(d.config.k, d.d_dict))
+    values = torch.relu(gather_linear(centered, d.W_enc, d.b_enc, rows, latents, pre=pre))
+    codes = SparseCodes(rows, latents, values, len(x), d.d_dict)
+    x_hat = sparse_decode(values, rows, latents, d.W_dec, len(x)) + d.b_dec
     return TrainingForward(x_hat, codes, pre)
 
 
@@ -463,16 +461,12 @@ def _auxiliary_reconstruction(
 ) -> torch.Tensor | None:
     """AuxK (Gao et al. 2024): the decoding, without bias, of the `k_aux` largest pre-activations
     among the `dead` latents of each input; None when no latent is dead."""
-    from sae_circuits import sparse_codes
-
     n_dead = int(dead.sum())
     if n_dead == 0:
         return None
-    rows, latents = sparse_codes.select_topk(pre.masked_fill(~dead, -torch.inf), min(k_aux, n_dead))
-    values = torch.relu(
-        sparse_codes.gather_linear(d.centered(x), d.W_enc, d.b_enc, rows, latents, pre=pre)
-    )
-    return sparse_codes.sparse_decode(values, rows, latents, d.W_dec, len(x))
+    rows, latents = select_topk(pre.masked_fill(~dead, -torch.inf), min(k_aux, n_dead))
+    values = torch.relu(gather_linear(d.centered(x), d.W_enc, d.b_enc, rows, latents, pre=pre))
+    return sparse_decode(values, rows, latents, d.W_dec, len(x))
 
 
 class BatchTopKDictionary(TopKDictionary):
@@ -492,8 +486,6 @@ class BatchTopKDictionary(TopKDictionary):
         return pre * (pre > self.threshold)
 
     def training_forward(self, x: torch.Tensor) -> TrainingForward:
-        from sae_circuits.sparse_codes import select_batch_topk
-
         out = _topk_training_forward(self, x, select_batch_topk)
         if self.training:
             self._update_threshold(out.features.values)
@@ -647,8 +639,6 @@ class Transcoder(UntiedDictionary):
     def training_forward(self, x: torch.Tensor) -> TrainingForward:
         if not self.config.k:
             return super().training_forward(x)
-        from sae_circuits.sparse_codes import select_topk
-
         out = _topk_training_forward(self, x, select_topk)
         return out._replace(x_hat=out.x_hat + self.skip_term(x))
 

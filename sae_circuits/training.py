@@ -525,7 +525,9 @@ class _Member:
             if name != frozen:
                 groups.setdefault(scales.get(name, 1.0), []).append(p)
         self.optimizer = torch.optim.Adam(
-            [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()], lr=spec.lr
+            [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()],
+            lr=spec.lr,
+            fused=True,  # one kernel per parameter: about half the time of the loop on CPU
         )
         self.mse_scale = 1.0 / d_in if report else 1.0
         self.penalty = 0.0 if spec.sparsity == "topk" else spec.l1 / (spec.d_dict if report else 1)

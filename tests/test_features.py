@@ -237,5 +237,5 @@ def test_views(neox, wired, tmp_path):
     console.print(feature_frequencies(neox, "embed", wired, data, progress=False))
     text = console.export_text()
     assert "top activating contexts" in text and "' John' 100%" in text and "2 dead" in text
-    assert "font-weight:bold'> John</span>" in report._repr_html_()
+    assert report._repr_html_().startswith("<iframe srcdoc=")
     assert report.save_png(tmp_path / "f.png").stat().st_size > 1000

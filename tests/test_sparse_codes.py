@@ -195,6 +195,18 @@ def test_values_from_pre_equal_recomputed():
         assert torch.equal(left, right)
 
 
+def test_forward_under_inference_mode():
+    x, W_enc, b_enc, W_dec, _ = (t.detach() for t in make_inputs(torch.float32, seed=12))
+    with torch.inference_mode():
+        pre = x @ W_enc + b_enc
+        rows, latents = select_topk(pre, K)
+        values = gather_linear(x, W_enc, b_enc, rows, latents)
+        out = sparse_decode(values, rows, latents, W_dec, N)
+    torch.testing.assert_close(values, pre[rows, latents])
+    f = torch.zeros(N, M).index_put((rows, latents), values)
+    torch.testing.assert_close(out, f @ W_dec)
+
+
 def test_select_batch_topk_by_hand():
     pre = torch.tensor(
         [

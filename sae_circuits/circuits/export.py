@@ -1,14 +1,17 @@
 """Export and view circuit graphs: node-link JSON, GraphML, DOT and a picture laid out by layer.
 
-The picture puts one row per site, in forward order from the bottom, with the metric on top; nodes
-are labelled with their feature index and top tokens, edges drawn with width ∝ |weight| and
-coloured by sign (blue: positive, red: negative).
+The picture puts one row per site, in forward order from the bottom, with the metric on top; a row
+with many nodes wraps onto several lines so that labels (feature index and top tokens) never
+overlap; edges are drawn with width ∝ |weight| and coloured by sign (blue: positive, red: negative).
+`layout` is shared with the interactive view (`sae_circuits.views`).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,44 +128,63 @@ def _widths(graph: nx.DiGraph, widest: float = 6.0) -> dict[tuple[str, str], flo
     return {(u, v): 0.3 + widest * abs(d["weight"]) / largest for u, v, d in graph.edges(data=True)}
 
 
-def _layout(
-    graph: nx.DiGraph, rows: list[tuple[str, list[str]]], widest: int
-) -> dict[str, tuple[float, float]]:
-    """(x, y) per node: rows from the top down, each ordered by the mean x of its targets (fewer
-    crossings), ties and nodes without placed targets by |effect|."""
+PER_LINE = 12  # nodes side by side in one line of a row; a fuller row wraps onto more lines
+LINE, GAP = 0.6, 0.5  # vertical distance between the lines of a row, and between rows
+LABEL_WIDTH = 18  # characters per label line: a label never grows wider than its slot
+
+
+def layout(
+    graph: nx.DiGraph, per_line: int = PER_LINE
+) -> tuple[dict[str, tuple[float, float]], list[tuple[str, float]]]:
+    """(x, y) per node, and (site, y of its first line) per row, for a picture `per_line` slots
+    wide. Rows go up in forward order (the metric on top), each ordered by the mean x of its
+    targets (fewer crossings; ties and nodes without placed targets by |effect|). A row of n nodes
+    takes ceil(n / per_line) lines: consecutive nodes alternate between lines, so neighbours in
+    x order never share a slot and labels do not overlap."""
+    rows = _rows(graph)
+    lines = [max(1, math.ceil(len(names) / per_line)) for _, names in rows]
+    bases = [sum(n * LINE + GAP for n in lines[:level]) for level in range(len(rows))]
     pos: dict[str, tuple[float, float]] = {}
     for level in range(len(rows) - 1, -1, -1):
-        names = rows[level][1]
+        names, n_lines = rows[level][1], lines[level]
 
         def key(name: str) -> float:
             xs = [pos[t][0] for t in graph.successors(name) if t in pos]
-            return sum(xs) / len(xs) if xs else widest
+            return sum(xs) / len(xs) if xs else per_line
 
-        ordered = sorted(names, key=key)
-        for k, name in enumerate(ordered):
-            pos[name] = ((k + 0.5) / len(names) * widest, level)
-    return pos
+        columns = math.ceil(len(names) / n_lines)
+        for k, name in enumerate(sorted(names, key=key)):
+            x = (k // n_lines + 0.5) / columns * per_line
+            pos[name] = (x, bases[level] + (k % n_lines) * LINE)
+    return pos, [(site, base) for (site, _), base in zip(rows, bases, strict=True)]
+
+
+def short_label(name: str, data: dict[str, Any]) -> str:
+    """The node's label wrapped to at most three lines of `LABEL_WIDTH` characters."""
+    head, _, tokens = _label(name, data).partition("\n")
+    wrapped = textwrap.wrap(tokens, LABEL_WIDTH, max_lines=2, placeholder="…")
+    return "\n".join([head, *wrapped])
 
 
 def figure(graph: nx.DiGraph, title: str | None = None) -> Any:
-    """A matplotlib figure of the graph, one row per site."""
-    rows = _rows(graph)
-    widest = max((len(names) for _, names in rows), default=1)
-    fig = new_figure((min(4 + 1.3 * widest, 40), 1.0 + 1.6 * len(rows)))
+    """A matplotlib figure of the graph, one band of lines per site."""
+    pos, rows = layout(graph)
+    top = max((y for _, y in pos.values()), default=0.0)
+    fig = new_figure((3 + 1.35 * PER_LINE, 1.2 + 1.25 * (top + 1)))
     ax = fig.subplots()
-    pos = _layout(graph, rows, widest)
     widths = _widths(graph)
     for u, v, data in graph.edges(data=True):
         (x0, y0), (x1, y1) = pos[u], pos[v]
         ax.annotate(
             "",
-            xy=(x1, y1 - 0.18),
-            xytext=(x0, y0 + 0.18),
+            xy=(x1, y1 - 0.16),
+            xytext=(x0, y0 + 0.16),
+            zorder=1,
             arrowprops={
                 "arrowstyle": "-|>",
                 "color": _colour(data["weight"]),
                 "lw": widths[u, v],
-                "alpha": 0.55,
+                "alpha": 0.5,
                 "shrinkA": 0,
                 "shrinkB": 0,
             },
@@ -172,20 +194,21 @@ def figure(graph: nx.DiGraph, title: str | None = None) -> Any:
         ax.text(
             x,
             y,
-            _label(name, data),
+            short_label(name, data),
             ha="center",
             va="center",
-            fontsize=7,
+            fontsize=6.5,
+            zorder=3,
             bbox={
-                "boxstyle": "round,pad=0.3",
+                "boxstyle": "round,pad=0.25",
                 "fc": "#f0f0f0" if data["kind"] == "error" else "white",
                 "ec": _colour(data.get("effect", 0.0)),
             },
         )
-    ax.set_yticks(range(len(rows)), [site or METRIC for site, _ in rows])
+    ax.set_yticks([y for _, y in rows], [site or METRIC for site, _ in rows])
     ax.set_xticks([])
-    ax.set_xlim(-0.2, widest + 0.2)
-    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_xlim(-0.1, PER_LINE + 0.1)
+    ax.set_ylim(-0.5, top + 0.5)
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
     ax.set_title(title or graph.graph.get("target") or graph.graph.get("method", "circuit"))

@@ -137,6 +137,11 @@ class Circuit:
 
         return png_bytes(self.graph)
 
+    def _repr_html_(self) -> str:
+        from sae_circuits.views import circuit_view, notebook_html
+
+        return notebook_html(circuit_view(self))
+
     def __repr__(self) -> str:
         v = self.report.get("verification", {})
         return (

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "inspect_cmd",
     "toy_cmd",
     "build_model_cmd",
+    "explain_cmd",
 )
 
 

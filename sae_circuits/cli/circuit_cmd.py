@@ -1,5 +1,6 @@
 """`sae-circuits circuit`: feature circuits for a task (attribution or exact patching) or rooted at a
-feature (recursive exact ablation), verified, with faithfulness, written as JSON/GraphML/DOT/PNG."""
+feature (recursive exact ablation), verified, with faithfulness, written as JSON/GraphML/DOT/PNG and
+as an interactive page (`--html`)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from sae_circuits.cli.common import add_json_argument, add_model_argument, conso
 from sae_circuits.cli.tables import circuit_table
 from sae_circuits.dictionary import CONFIG_FILE, Dictionary, load_dictionaries
 from sae_circuits.errors import UserInputError
-from sae_circuits.models import load_model
+from sae_circuits.models import is_embedded, load_model
 from sae_circuits.nodes import Node
 from sae_circuits.protocols import Model
 from sae_circuits.sites import Site, SiteMap
-from sae_circuits.splice import attach
+from sae_circuits.splice import attach, detach
 from sae_circuits.tasks import TASKS, Task, load_task
-from sae_circuits.text import read_documents
+from sae_circuits.text import default_documents, read_documents, token_batches
+from sae_circuits.views import circuit_view, node_reports, write_page
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "patching with --method ablation); edges join consecutive sites. Kept nodes and edges "
             "are re-measured the other way and the agreement reported; faithfulness is measured "
             "with everything outside the circuit mean-ablated. With --feature: the tree of "
-            "upstream features by exact ablation on the feature's top-activating contexts."
+            "upstream features by exact ablation on the feature's top-activating contexts. "
+            "--html FILE writes a page that opens offline: the circuit by layer (pan/zoom, hover "
+            "for effects, a slider pruning edges by |weight|); clicking a node opens its top "
+            "contexts and logit effects, found on --text (or the held-out text) with --contexts, "
+            "--tokens and --ctx-len."
         ),
     )
     add_model_argument(parser)
@@ -63,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[5, 10, 20, 50, 100, 200],
         help="circuit sizes of the faithfulness curve",
     )
-    feature = parser.add_argument_group("feature-rooted circuits")
+    feature = parser.add_argument_group("feature-rooted circuits (and the panels of --html)")
     feature.add_argument("--depth", type=int, default=3, help="levels below the target")
     feature.add_argument("--top-k", type=int, default=3, help="parents kept per feature")
     feature.add_argument("--contexts", type=int, default=8, help="top contexts per feature")
@@ -71,6 +77,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     feature.add_argument("--ctx-len", type=int, default=64, help="corpus context length")
     feature.add_argument("--text", help=".txt/.jsonl corpus (default: the model's held-out text)")
     parser.add_argument("--out", help="folder for circuit.json, .graphml, .dot and .png")
+    parser.add_argument(
+        "--html",
+        metavar="FILE",
+        help="also write the interactive page of the circuit, with a feature panel per node",
+    )
     add_json_argument(parser)
     parser.set_defaults(run=run)
 
@@ -101,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserInputError(f"--feature needs a per-layer site, not {site}")
         low = max(site.layer - args.depth, 0)
         chain = [Site(site.kind, layer) for layer in range(low, site.layer + 1)]
-        attach(model, circuit_dictionaries(args.dictionaries, chain, args.device))
+        dictionaries = circuit_dictionaries(args.dictionaries, chain, args.device)
+        attach(model, dictionaries)
         documents = read_documents(args.text) if args.text else None
         circuit = feature_circuit(
             model,
@@ -116,6 +128,14 @@ def run(args: argparse.Namespace) -> int:
         )
         name = "circuit_" + target.id.replace("/", "_")
     files = circuit.save(args.out, name) if args.out else []
+    if args.html:
+        detach(model)
+        documents = (
+            read_documents(args.text) if args.text else default_documents(is_embedded(model))
+        )
+        batches = token_batches(model.tokenizer, documents, args.ctx_len, 16, args.tokens)
+        reports = node_reports(model, circuit, dictionaries, batches, args.contexts, progress)
+        files.append(write_page(circuit_view(circuit, reports, name), args.html))
     if args.json:
         print_json(circuit.summary(files))
     else:

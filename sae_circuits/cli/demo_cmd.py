@@ -12,7 +12,6 @@ from sae_circuits.cli.common import add_json_argument, console, json_text, print
 from sae_circuits.cli.tables import circuit_table, metrics_table, restore_table
 from sae_circuits.dictionary import load_dictionaries
 from sae_circuits.evaluation import METRIC_KEYS, evaluate
-from sae_circuits.features import inspect_features
 from sae_circuits.interventions import run as run_task
 from sae_circuits.models import load_model
 from sae_circuits.nodes import METRIC, Node
@@ -22,6 +21,7 @@ from sae_circuits.sites import Site
 from sae_circuits.splice import attach, detach
 from sae_circuits.tasks import load_task
 from sae_circuits.text import default_documents, token_batches
+from sae_circuits.views import circuit_view, feature_view, node_reports, write_page
 
 QUALITY_SITES = (Site.parse("resid.1"), Site.parse("mlp.1"))
 PATCH_SITE = Site.parse("resid.2")
@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             f"two dictionaries ({', '.join(map(str, QUALITY_SITES))}), an IOI feature-patching "
             f"curve at {PATCH_SITE} against PCA and neurons, the IOI circuit over the residual "
             "stream (faithfulness and verification of its edges), and one inspected feature. Writes "
-            "JSON, PNG and graph files to --out."
+            "JSON, PNG and graph files to --out, and two pages that open offline in a browser: "
+            "circuit.html (click a node for its contexts and logit effects) and feature.html."
         ),
     )
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     files.append(patching_curves(curves, out / "patching.png"))
 
     console.rule("[bold]4. The IOI circuit over the residual stream")
-    attach(model, load_dictionaries("main", sites=list(CIRCUIT_SITES)))
+    circuit_dicts = load_dictionaries("main", sites=list(CIRCUIT_SITES))
+    attach(model, circuit_dicts)
     try:
         circuit = task_circuit(model, test, max_nodes=40, sizes=(5, 10, 20, 40))
         console.print(circuit_table(circuit))
@@ -94,21 +96,18 @@ def run(args: argparse.Namespace) -> int:
     finally:
         detach(model)
     result["circuit"] = circuit.summary()
+    # Short contexts for the panels: the 17 tokens shown around each top activation fit, and the
+    # ablations behind the logit effects run on 32 tokens, not 128.
+    panel_batches = token_batches(model.tokenizer, default_documents(True), 32, 16, 4096)
+    reports = node_reports(model, circuit, circuit_dicts, panel_batches, top_k=8)
+    files.append(write_page(circuit_view(circuit, reports, "IOI circuit"), out / "circuit.html"))
 
     console.rule("[bold]5. One feature of the circuit, inspected")
-    node = _top_feature(circuit)
-    (report,) = inspect_features(
-        model,
-        node.site,
-        load_dictionaries("main", sites=[node.site])[node.site],
-        batches,
-        [node.feature],
-        top_k=8,
-        total_batches=len(batches),
-    )
+    report = reports[_top_feature(circuit).id]
     console.print(report)
     result["feature"] = report.to_json()
     files.append(report.save_png(out / "feature.png"))
+    files.append(write_page(feature_view(report), out / "feature.html"))
 
     result["seconds"] = time.perf_counter() - start
     files.append(_write_json(out / "demo.json", result))

@@ -21,6 +21,7 @@ from sae_circuits.models import is_embedded, load_model
 from sae_circuits.nodes import Node
 from sae_circuits.sites import Site
 from sae_circuits.text import default_documents, read_documents, token_batches
+from sae_circuits.views import dictionary_view, feature_view, write_page
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "by token, firing frequency, the logit change of every token when the feature is "
             "ablated on its top contexts, and its direct effect through the unembedding. "
             "SITE with --frequencies: the firing frequency of every feature; with --vs-neurons: "
-            "how concentrated the top activations of features and of neurons are on one token."
+            "how concentrated the top activations of features and of neurons are on one token. "
+            "--html FILE writes an interactive page that opens offline: for a feature, its "
+            "histogram, contexts (each token shaded by activation) and logit effects; for a SITE, "
+            "the frequency histogram and a searchable list of every feature with its top tokens."
         ),
     )
     parser.add_argument("target", metavar="SITE[/FEATURE]", help="e.g. resid.2/123 or resid.2")
@@ -59,6 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="also save the histograms as a PNG (a feature or --frequencies)",
     )
+    parser.add_argument(
+        "--html",
+        metavar="FILE",
+        help="also write an interactive page (a feature, or for a SITE the dictionary view)",
+    )
     add_json_argument(parser)
     parser.set_defaults(run=run)
 
@@ -76,12 +85,14 @@ def parse_target(text: str) -> Node | Site:
 def run(args: argparse.Namespace) -> int:
     target = parse_target(args.target)
     site, feature = (target.site, target.feature) if isinstance(target, Node) else (target, None)
-    if feature is None and not (args.frequencies or args.vs_neurons):
-        raise UserInputError("name a feature (e.g. resid.2/123) or pass --frequencies/--vs-neurons")
+    if feature is None and not (args.frequencies or args.vs_neurons or args.html):
+        raise UserInputError(
+            "name a feature (e.g. resid.2/123) or pass --frequencies/--vs-neurons/--html"
+        )
     if feature is not None and (args.frequencies or args.vs_neurons):
         raise UserInputError("--frequencies and --vs-neurons take a site without a feature")
-    if args.png and args.vs_neurons:
-        raise UserInputError("--png is for a feature or --frequencies, not --vs-neurons")
+    if (args.png or args.html) and args.vs_neurons:
+        raise UserInputError("--png and --html are for a feature or a site, not --vs-neurons")
     if args.top_k < 1 or args.tokens < args.ctx_len:
         raise UserInputError("--top-k must be >= 1 and --tokens at least --ctx-len")
     args.site = site
@@ -106,18 +117,25 @@ def run(args: argparse.Namespace) -> int:
         else:
             console.print(_comparison_table(site, result))
         return 0
-    if args.frequencies:
-        report = feature_frequencies(model, site, dictionary, batches, total_batches=total)
+    if feature is None:
+        report = feature_frequencies(
+            model, site, dictionary, batches, total_batches=total, top_k=args.top_k
+        )
+        view = dictionary_view(report) if args.html else None
     else:
         (report,) = inspect_features(
             model, site, dictionary, batches, [feature], args.top_k, total_batches=total
         )
+        view = feature_view(report) if args.html else None
     if args.png:
         report.save_png(args.png)
+    written = {"html": str(write_page(view, args.html))} if view is not None else {}
     if args.json:
-        print_json(report.to_json())
+        print_json({**report.to_json(), **written})
     else:
         console.print(report)
+        if written:
+            console.print(f"wrote {written['html']}")
     return 0
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_circuits.batches import TokenBatch, scored_positions, split_batch, trace_inputs
+from sae_circuits.batches import TokenBatch, from_rows, scored_positions, split_batch, trace_inputs
 from sae_circuits.dictionary import Dictionary
 from sae_circuits.errors import UserInputError
 from sae_circuits.progress import progress_bar
@@ -172,3 +172,27 @@ def collect(
             collector.update(acts.float().cpu(), ids.cpu(), mask.cpu())
             bar.advance(0)
     return collector.stats
+
+
+def row_activations(
+    model: Model,
+    site: Site,
+    dictionary: Dictionary,
+    features: Sequence[int] | torch.Tensor,
+    rows: torch.Tensor,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """(n, L, F) activations of `features` at every position of context `rows` (n, L), where -1
+    marks pads (`FeatureStats.top_rows`), with `dictionary` spliced at `site`; one trace per
+    `batch_size` rows, each stopped after the site."""
+    features = torch.as_tensor(features, dtype=torch.long)
+    out = [torch.zeros(0, rows.shape[1], len(features))]
+    with temporarily_attached(model, {site: dictionary}), torch.no_grad():
+        for start in range(0, rows.shape[0], batch_size):
+            chunk = rows[start : start + batch_size].long()
+            inputs = trace_inputs(*from_rows(chunk, model.tokenizer.pad_token_id or 0))
+            with model.trace(inputs) as tracer:
+                acts = spliced(model, site).features.output[..., features].save()
+                tracer.stop()
+            out.append(acts.float().cpu())
+    return torch.cat(out)

@@ -15,7 +15,7 @@ import torch
 
 from sae_circuits.batches import TokenBatch
 from sae_circuits.dictionary import Dictionary
-from sae_circuits.features.collect import FeatureStats, collect
+from sae_circuits.features.collect import FeatureStats, collect, row_activations
 from sae_circuits.features.effects import ablation_effects, direct_effects
 from sae_circuits.nodes import Node
 from sae_circuits.protocols import Model
@@ -24,13 +24,15 @@ from sae_circuits.sites import Site
 
 @dataclass
 class Context:
-    """A top-activating context: tokens before, the activating token, and a few after."""
+    """A top-activating context: tokens before, the activating token, and a few after; `tokens`
+    holds every token of that window with the feature's activation on it (the per-token view)."""
 
     before: str
     token: str
     after: str
     activation: float
     token_id: int
+    tokens: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -90,6 +92,7 @@ class FeatureReport:
                     "activation": round(c.activation, 6),
                     "before": c.before,
                     "after": c.after,
+                    "tokens": [[token, round(value, 6)] for token, value in c.tokens],
                 }
                 for c in self.contexts
             ],
@@ -112,9 +115,9 @@ class FeatureReport:
         return feature_renderable(self)
 
     def _repr_html_(self) -> str:
-        from sae_circuits.features.views import feature_html
+        from sae_circuits.views import feature_view, notebook_html
 
-        return feature_html(self)
+        return notebook_html(feature_view(self))
 
     def save_png(self, path: str | Path) -> Path:
         """Activation histogram split by token, and the distribution of logit changes."""
@@ -125,11 +128,13 @@ class FeatureReport:
 
 @dataclass
 class FrequencyReport:
-    """Firing frequency of every feature of a dictionary (`frequencies[i]` for feature i)."""
+    """Firing frequency of every feature of a dictionary (`frequencies[i]` for feature i) and the
+    tokens of its largest activations (`top_tokens[i]`: token, largest activation on it, count)."""
 
     site: Site
     positions: int
     frequencies: torch.Tensor
+    top_tokens: list[list[TokenScore]] = field(default_factory=list)
 
     @property
     def dead(self) -> int:
@@ -161,6 +166,11 @@ class FrequencyReport:
         from sae_circuits.features.views import frequency_renderable
 
         return frequency_renderable(self)
+
+    def _repr_html_(self) -> str:
+        from sae_circuits.views import dictionary_view, notebook_html
+
+        return notebook_html(dictionary_view(self))
 
     def save_png(self, path: str | Path) -> Path:
         from sae_circuits.features.views import save_frequency_png
@@ -214,11 +224,18 @@ def inspect_features(
     text = TokenText(model.tokenizer)
     direct = direct_effects(model, dictionary.decoder_directions[stats.features].detach())
     reports = []
+    fired = stats.top_values > 0  # (F, k), a prefix of each row
+    # Causal models: nothing after the last shown token changes what is read or measured up to it.
+    end = int(stats.top_positions[fired].max()) + 1 if fired.any() else 0
+    rows = stats.top_rows[fired][:, : end + window[1]] if fired.any() else torch.zeros(0, 0)
+    acts = row_activations(model, site, dictionary, stats.features, rows.long())
+    starts = [0, *fired.sum(1).cumsum(0).tolist()]
     for j, index in enumerate(stats.features.tolist()):
-        report = _report(stats, j, text, n_tokens, window)
-        fired = stats.top_values[j] > 0
-        if effects and fired.any():
-            rows, positions = stats.top_rows[j][fired], stats.top_positions[j][fired]
+        own = acts[starts[j] : starts[j + 1], :, j]
+        report = _report(stats, j, text, n_tokens, window, own)
+        if effects and fired[j].any():
+            positions = stats.top_positions[j][fired[j]]
+            rows = stats.top_rows[j][fired[j], : int(positions.max()) + 1]
             delta = ablation_effects(model, site, dictionary, index, rows, positions).mean(0)
             report.logit_effect_values = delta
             report.logit_effects = _ranked(delta, text, n_tokens)
@@ -234,21 +251,26 @@ def _report(
     text: TokenText,
     n_tokens: int,
     window: tuple[int, int],
+    acts: torch.Tensor,
     n_split: int = 6,
 ) -> FeatureReport:
+    """The report of unit `j`; `acts` (contexts, L): its activations on its top context rows."""
     contexts = []
-    for value, row, position in zip(
-        stats.top_values[j].tolist(),
-        stats.top_rows[j],
-        stats.top_positions[j].tolist(),
-        strict=True,
+    for c, (value, row, position) in enumerate(
+        zip(
+            stats.top_values[j].tolist(),
+            stats.top_rows[j],
+            stats.top_positions[j].tolist(),
+            strict=True,
+        )
     ):
         if value <= 0:
             break
         real = (row >= 0).nonzero()[:, 0]
         start = max(int(real[0]) + 1, position - window[0])  # skip the BOS position
         ids = row.tolist()
-        after = [i for i in ids[position + 1 : position + 1 + window[1]] if i >= 0]
+        shown = [p for p in range(start, position + 1 + window[1]) if p < len(ids) and ids[p] >= 0]
+        after = [ids[p] for p in shown if p > position]
         contexts.append(
             Context(
                 text.span(ids[start:position]),
@@ -256,6 +278,7 @@ def _report(
                 text.span(after),
                 value,
                 ids[position],
+                [(text(ids[p]), float(acts[c, p])) for p in shown],
             )
         )
     counts = stats.hist_counts[j]  # (bins, V)
@@ -305,9 +328,27 @@ def feature_frequencies(
     batches: Iterable[TokenBatch],
     progress: bool = True,
     total_batches: int | None = None,
+    top_k: int = 10,
 ) -> FrequencyReport:
-    """Firing frequency of every feature over `batches` (one pass)."""
+    """Firing frequency of every feature over `batches` (one pass) and the distinct tokens of its
+    `top_k` largest activations, largest first."""
     stats = collect(
-        model, site, dictionary, batches, top_k=1, progress=progress, total_batches=total_batches
+        model,
+        site,
+        dictionary,
+        batches,
+        top_k=top_k,
+        progress=progress,
+        total_batches=total_batches,
     )
-    return FrequencyReport(stats.site, stats.positions, stats.frequencies)
+    text = TokenText(model.tokenizer)
+    top_tokens = []
+    for values, tokens in zip(stats.top_values.tolist(), stats.top_tokens.tolist(), strict=True):
+        scores: dict[int, TokenScore] = {}
+        for value, token in zip(values, tokens, strict=True):
+            if value <= 0:
+                break
+            score = scores.setdefault(token, TokenScore(text(token), value))
+            score.count += 1
+        top_tokens.append(list(scores.values()))
+    return FrequencyReport(stats.site, stats.positions, stats.frequencies, top_tokens)

@@ -1,8 +1,8 @@
-"""Views of feature reports: rich (terminal), HTML (Jupyter) and PNG (`sae_circuits.plotting`)."""
+"""Views of feature reports: rich (terminal) and PNG (`sae_circuits.plotting`); the interactive HTML
+views are in `sae_circuits.views`."""
 
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,49 +107,6 @@ def frequency_renderable(report: FrequencyReport) -> Group:
         f"in {report.positions:,} tokens"
     )
     return Group(table, summary)
-
-
-# ------------------------------------------------------------------------------------ HTML
-def _esc(text: str) -> str:
-    return html.escape(text).replace("\n", "⏎")
-
-
-def feature_html(report: FeatureReport) -> str:
-    """A self-contained HTML fragment (inline styles) for Jupyter."""
-    largest = max((c.activation for c in report.contexts), default=1.0) or 1.0
-    rows = []
-    for c in report.contexts:
-        alpha = 0.25 + 0.75 * c.activation / largest
-        rows.append(
-            f"<tr><td style='text-align:right'>{c.activation:.3g}</td>"
-            f"<td style='font-family:monospace;text-align:left'>"
-            f"<span style='opacity:.6'>{_esc(c.before)}</span>"
-            f"<span style='background:rgba(255,190,0,{alpha:.2f});font-weight:bold'>"
-            f"{_esc(c.token)}</span><span style='opacity:.6'>{_esc(c.after)}</span></td></tr>"
-        )
-    hist = coarse_histogram(report, 24)
-    top = max((n for _, _, n, _ in hist), default=1) or 1
-    bars = "".join(
-        f"<div title='{low:.3g}–{high:.3g}: {n} ({_esc(_top_split(split, n))})' "
-        f"style='display:inline-block;vertical-align:bottom;width:10px;margin-right:1px;"
-        f"background:#4a90d9;height:{max(1, round(60 * math.log1p(n) / math.log1p(top)))}px'>"
-        f"</div>"
-        for low, high, n, split in hist
-    )
-    upper = hist[-1][1] if hist else 0
-    lists = [("top tokens", _scores(report.top_tokens, True))]
-    for label, effects in (("ablation", report.logit_effects), ("direct", report.direct_effects)):
-        if effects:
-            lists.append((f"{label}: logits down", _scores(effects["down"])))
-            lists.append((f"{label}: logits up", _scores(effects["up"])))
-    items = "".join(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>" for k, v in lists)
-    return (
-        f"<div><h4 style='margin:4px 0'>feature {_esc(report.name)}</h4>"
-        f"<p>fires on {report.frequency:.3%} of {report.positions:,} tokens</p>"
-        f"<table><tr><th>act</th><th style='text-align:left'>context</th></tr>{''.join(rows)}"
-        f"</table><p>activation histogram, 0–{upper:.3g} (log count; hover for tokens)</p>"
-        f"<div style='height:62px'>{bars}</div><ul>{items}</ul></div>"
-    )
 
 
 # ------------------------------------------------------------------------------------- PNG
