@@ -1,12 +1,18 @@
 """Write the notebooks in this folder from the cell sources below (run after editing them).
 
-    python notebooks/make_notebooks.py
+    python notebooks/make_notebooks.py            # sources only
+    python notebooks/make_notebooks.py --execute  # run each top to bottom and store its outputs
 
-Each notebook reads SAE_CIRCUITS_QUICK=1 (set by the test suite) to use small settings.
+Each notebook reads SAE_CIRCUITS_QUICK=1 (set by the test suite) to use small settings; with
+--execute they run at full settings (--quick: small ones). Stored outputs are deterministic: stderr (progress bars,
+warnings, timings) and execution timestamps are left out, and Bokeh's element ids are numbered.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -161,12 +167,72 @@ def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
         nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
         for kind, src in cells
     ]
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i}"  # stable ids: a rebuilt notebook differs only where its cells do
     return nb
 
 
+def execute(nb: nbformat.NotebookNode, quick: bool = False) -> None:
+    """Run `nb` in a fresh kernel in this folder and keep only its deterministic outputs."""
+    import nbclient
+
+    env = {
+        "SAE_CIRCUITS_QUICK": "1" if quick else "0",
+        "BOKEH_SIMPLE_IDS": "1",
+        "PYTHONHASHSEED": "0",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(
+            nb,
+            timeout=1800,
+            kernel_name="python3",
+            record_timing=False,
+            resources={"metadata": {"path": str(HERE)}},
+        ).execute()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.outputs = [o for o in cell.outputs if o.get("name") != "stderr"]
+        for output in cell.outputs:
+            for key, value in output.get("data", {}).items():
+                if isinstance(value, str) and key.startswith("text/html"):
+                    output["data"][key] = _numbered_ids(value)
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _numbered_ids(html: str) -> str:
+    """`html` with each random UUID (Bokeh's document and element ids) replaced by a number in
+    order of appearance, so that re-running gives the same file."""
+    ids: dict[str, str] = {}
+    return _UUID.sub(lambda m: ids.setdefault(m.group(0), f"id-{len(ids) + 1}"), html)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--execute", action="store_true", help="run them and store the outputs")
+    parser.add_argument("--quick", action="store_true", help="with --execute: small settings")
+    parser.add_argument("names", nargs="*", help="only these notebooks (default: all)")
+    args = parser.parse_args()
     for name, cells in NOTEBOOKS.items():
-        nbformat.write(build(name, cells), HERE / f"{name}.ipynb")
+        if args.names and name not in args.names:
+            continue
+        nb = build(name, cells)
+        if args.execute:
+            execute(nb, args.quick)
+        path = HERE / f"{name}.ipynb"
+        tmp = path.with_suffix(".ipynb.tmp")
+        nbformat.write(nb, tmp)
+        tmp.replace(path)
         print(f"wrote notebooks/{name}.ipynb")
 
 

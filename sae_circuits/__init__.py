@@ -2,146 +2,103 @@
 
 Train and evaluate sparse autoencoders, patch and ablate their features, and discover feature
 circuits, all as ordinary nnsight traces over a model with dictionaries spliced in.
+
+The public names are imported on first use (PEP 562), so that `import sae_circuits.cli` and
+`sae-circuits --help` load neither torch nor nnsight.
 """
 
-from sae_circuits.autointerp import (
-    ChatClient,
-    LLMExplainer,
-    LLMJudge,
-    OfflineExplainer,
-    OfflineSimulator,
-    interpret,
-    score_explanation,
-    unit_contexts,
-)
-from sae_circuits.buffer import ActivationBuffer
-from sae_circuits.circuits import (
-    Circuit,
-    faithfulness,
-    faithfulness_curve,
-    feature_circuit,
-    read_node_link,
-    task_circuit,
-)
-from sae_circuits.dictionary import (
-    Dictionary,
-    DictionaryConfig,
-    LinearBasis,
-    TiedDictionary,
-    TopKDictionary,
-    Transcoder,
-    UntiedDictionary,
-    load_dictionaries,
-    shipped_sets,
-)
-from sae_circuits.errors import UserInputError
-from sae_circuits.evaluation import METRIC_KEYS, evaluate
-from sae_circuits.features import (
-    FeatureReport,
-    FrequencyReport,
-    compare_with_neurons,
-    feature_frequencies,
-    inspect_features,
-)
-from sae_circuits.interventions import InterventionResult, ablate, patch, pin
-from sae_circuits.models import embedded_model_path, load_model
-from sae_circuits.nodes import Node
-from sae_circuits.patching_curves import PatchingCurve, compare_bases, patching_curve
-from sae_circuits.protocols import Model
-from sae_circuits.sites import Site, SiteMap, read_site, valid_sites, write_site
-from sae_circuits.sparse_codes import (
-    SparseCodes,
-    gather_linear,
-    select_batch_topk,
-    select_threshold,
-    select_topk,
-    sparse_decode,
-)
-from sae_circuits.splice import attach, attached, detach, spliced, temporarily_attached
-from sae_circuits.tasks import Task, load_task
-from sae_circuits.text import read_documents, token_batches
-from sae_circuits.training import TrainSpec, train_dictionaries
-from sae_circuits.views import (
-    circuit_view,
-    dictionary_view,
-    feature_view,
-    node_reports,
-    notebook_html,
-    write_page,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ActivationBuffer",
-    "Circuit",
-    "InterventionResult",
-    "Model",
-    "Node",
-    "PatchingCurve",
-    "SiteMap",
-    "TrainSpec",
-    "ablate",
-    "compare_bases",
-    "patch",
-    "patching_curve",
-    "pin",
-    "train_dictionaries",
-    "faithfulness",
-    "faithfulness_curve",
-    "feature_circuit",
-    "read_node_link",
-    "task_circuit",
-    "METRIC_KEYS",
-    "Dictionary",
-    "DictionaryConfig",
-    "FeatureReport",
-    "FrequencyReport",
-    "LinearBasis",
-    "Site",
-    "Task",
-    "TiedDictionary",
-    "TopKDictionary",
-    "Transcoder",
-    "UntiedDictionary",
-    "UserInputError",
-    "attach",
-    "attached",
-    "compare_with_neurons",
-    "detach",
-    "embedded_model_path",
-    "evaluate",
-    "feature_frequencies",
-    "inspect_features",
-    "load_dictionaries",
-    "load_model",
-    "load_task",
-    "read_documents",
-    "read_site",
-    "shipped_sets",
-    "spliced",
-    "temporarily_attached",
-    "token_batches",
-    "valid_sites",
-    "write_site",
-    "ChatClient",
-    "LLMExplainer",
-    "LLMJudge",
-    "OfflineExplainer",
-    "OfflineSimulator",
-    "interpret",
-    "score_explanation",
-    "unit_contexts",
-    "SparseCodes",
-    "gather_linear",
-    "select_batch_topk",
-    "select_threshold",
-    "select_topk",
-    "sparse_decode",
-    "circuit_view",
-    "dictionary_view",
-    "feature_view",
-    "node_reports",
-    "notebook_html",
-    "write_page",
-]
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "ActivationBuffer": "sae_circuits.buffer",
+    "Circuit": "sae_circuits.circuits",
+    "InterventionResult": "sae_circuits.interventions",
+    "Model": "sae_circuits.protocols",
+    "Node": "sae_circuits.nodes",
+    "PatchingCurve": "sae_circuits.patching_curves",
+    "SiteMap": "sae_circuits.sites",
+    "TrainSpec": "sae_circuits.training",
+    "ablate": "sae_circuits.interventions",
+    "compare_bases": "sae_circuits.patching_curves",
+    "patch": "sae_circuits.interventions",
+    "patching_curve": "sae_circuits.patching_curves",
+    "pin": "sae_circuits.interventions",
+    "train_dictionaries": "sae_circuits.training",
+    "faithfulness": "sae_circuits.circuits",
+    "faithfulness_curve": "sae_circuits.circuits",
+    "feature_circuit": "sae_circuits.circuits",
+    "read_node_link": "sae_circuits.circuits",
+    "task_circuit": "sae_circuits.circuits",
+    "METRIC_KEYS": "sae_circuits.evaluation",
+    "Dictionary": "sae_circuits.dictionary",
+    "DictionaryConfig": "sae_circuits.dictionary",
+    "FeatureReport": "sae_circuits.features",
+    "FrequencyReport": "sae_circuits.features",
+    "LinearBasis": "sae_circuits.dictionary",
+    "Site": "sae_circuits.sites",
+    "Task": "sae_circuits.tasks",
+    "TiedDictionary": "sae_circuits.dictionary",
+    "TopKDictionary": "sae_circuits.dictionary",
+    "Transcoder": "sae_circuits.dictionary",
+    "UntiedDictionary": "sae_circuits.dictionary",
+    "UserInputError": "sae_circuits.errors",
+    "attach": "sae_circuits.splice",
+    "attached": "sae_circuits.splice",
+    "compare_with_neurons": "sae_circuits.features",
+    "detach": "sae_circuits.splice",
+    "embedded_model_path": "sae_circuits.models",
+    "evaluate": "sae_circuits.evaluation",
+    "feature_frequencies": "sae_circuits.features",
+    "inspect_features": "sae_circuits.features",
+    "load_dictionaries": "sae_circuits.dictionary",
+    "load_model": "sae_circuits.models",
+    "load_task": "sae_circuits.tasks",
+    "read_documents": "sae_circuits.text",
+    "read_site": "sae_circuits.sites",
+    "shipped_sets": "sae_circuits.dictionary",
+    "spliced": "sae_circuits.splice",
+    "temporarily_attached": "sae_circuits.splice",
+    "token_batches": "sae_circuits.text",
+    "valid_sites": "sae_circuits.sites",
+    "write_site": "sae_circuits.sites",
+    "ChatClient": "sae_circuits.autointerp",
+    "LLMExplainer": "sae_circuits.autointerp",
+    "LLMJudge": "sae_circuits.autointerp",
+    "OfflineExplainer": "sae_circuits.autointerp",
+    "OfflineSimulator": "sae_circuits.autointerp",
+    "interpret": "sae_circuits.autointerp",
+    "score_explanation": "sae_circuits.autointerp",
+    "unit_contexts": "sae_circuits.autointerp",
+    "SparseCodes": "sae_circuits.sparse_codes",
+    "gather_linear": "sae_circuits.sparse_codes",
+    "select_batch_topk": "sae_circuits.sparse_codes",
+    "select_threshold": "sae_circuits.sparse_codes",
+    "select_topk": "sae_circuits.sparse_codes",
+    "sparse_decode": "sae_circuits.sparse_codes",
+    "circuit_view": "sae_circuits.views",
+    "dictionary_view": "sae_circuits.views",
+    "feature_view": "sae_circuits.views",
+    "node_reports": "sae_circuits.views",
+    "notebook_html": "sae_circuits.views",
+    "write_page": "sae_circuits.views",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sae_circuits' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -475,7 +475,9 @@ class BatchTopKDictionary(TopKDictionary):
     smallest kept activation), so that an input's features do not depend on its batch."""
 
     kind = "batchtopk"
-    threshold_decay: ClassVar[float] = 0.999  # of the running mean; the first batch sets it
+    # of the running mean (the first batch sets it): a window of about 100 steps, so that the
+    # estimate follows the end of training rather than the first, untrained batches
+    threshold_decay: ClassVar[float] = 0.99
 
     def __init__(self, config: DictionaryConfig) -> None:
         super().__init__(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -63,11 +64,14 @@ def train_and_evaluate(
     checkpoint_every: int = 500,
     seed: int = 0,
     storage_dtype: torch.dtype | None = None,
+    keep_checkpoint: bool = False,
 ) -> list[tuple[Path, Dictionary]]:
     """Train `specs` on one buffer stream (or, for kl and e2e-ds losses, on token contexts through
     the spliced model), evaluate each, save each with its metrics.
 
     `storage_dtype` (e.g. torch.float16) shrinks the saved weights; loading restores float32.
+    Once every dictionary is saved, the run's checkpoint is removed (and `out/.checkpoint` if
+    nothing else is left in it) unless `keep_checkpoint`.
     """
     sites = sorted({Site.parse(spec.key) for spec in specs})
     read = sorted({Site.parse(key) for spec in specs for key in (spec.key, spec.target_key) if key})
@@ -92,11 +96,12 @@ def train_and_evaluate(
         "n_ctxs": n_ctxs,
         "seed": seed,
     }
+    checkpoint = checkpoint_dir(out, specs, run)
     dictionaries = train_dictionaries(
         source,
         specs,
         steps,
-        checkpoint_dir=checkpoint_dir(out, specs, run),
+        checkpoint_dir=checkpoint,
         checkpoint_every=checkpoint_every,
         model=model if through_model else model_name(model),
     )
@@ -110,4 +115,8 @@ def train_and_evaluate(
         folder = output_folder(out, spec, grid)
         dictionary.save(folder, dtype=storage_dtype)
         saved.append((folder, dictionary))
+    if not keep_checkpoint:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        if checkpoint.parent.is_dir() and not any(checkpoint.parent.iterdir()):
+            checkpoint.parent.rmdir()
     return saved

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ RECIPES = ("standard", "report")
 LOSSES = ("mse", "kl", "e2e-ds")
 CHECKPOINT_FILE = "checkpoint.pt"
 _EPS = 1e-9
-_STATS = ("mse", "sparsity", "l0", "loss")  # the running means a member keeps
+# the running means a member keeps; sse: the squared error summed over dimensions
+_STATS = ("sse", "sparsity", "l0", "loss")
 
 
 @dataclass
@@ -251,6 +253,30 @@ class TrainSpec:
         return self.loss != "mse"
 
 
+def _fit_schedules(specs: list[TrainSpec], steps: int) -> list[TrainSpec]:
+    """The specs with a warm-up that does not end within `steps` clipped to a tenth of the run,
+    and a decay that would start after the run dropped, each with a one-line warning."""
+    fitted = []
+    for spec in specs:
+        changes: dict[str, Any] = {}
+        if spec.warmup_steps >= steps:
+            changes["warmup_steps"] = max(1, steps // 10)
+            warnings.warn(
+                f"TrainSpec({spec.key!r}): the warm-up of {spec.warmup_steps} steps does not end "
+                f"within the run's {steps} steps: clipped to {changes['warmup_steps']}",
+                stacklevel=3,
+            )
+        if spec.decay_start is not None and spec.decay_start >= max(steps, 1):
+            changes["decay_start"] = None
+            warnings.warn(
+                f"TrainSpec({spec.key!r}): the decay starts at step {spec.decay_start:g}, after "
+                f"the run's {steps} steps: no decay",
+                stacklevel=3,
+            )
+        fitted.append(replace(spec, **changes) if changes else spec)
+    return fitted
+
+
 def learning_rate(spec: TrainSpec, step: int, steps: int) -> float:
     """The LR at 0-based `step` of `steps`: linear warm-up, constant, optional linear decay to 0."""
     scale = min(1.0, (step + 1) / spec.warmup_steps) if spec.warmup_steps else 1.0
@@ -292,8 +318,9 @@ def train_dictionaries(
     it is folded into the returned weights, so they work on raw activations, and recorded as
     `hyperparameters["activation_scale"]`. `site_names` maps keys to the sites written into the
     configs (default: the key, if it names a site). Each dictionary's config records its spec,
-    `steps` and `tokens`, and `metrics` gets `train_mse`, `train_sparsity`, `train_l0`,
-    `train_loss` (means over the last `log_every` steps), `train_dead` and `train_dead_fraction`.
+    `steps` and `tokens`, and `metrics` gets `train_mse` (per dimension), `train_sse` (summed over
+    dimensions), `train_sparsity`, `train_l0`, `train_loss` (means over the last `log_every`
+    steps), `train_dead` and `train_dead_fraction`.
     """
     if not specs:
         raise UserInputError("no dictionaries to train")
@@ -301,6 +328,7 @@ def train_dictionaries(
         raise UserInputError("steps, checkpoint_every, log_every, normalize_batches must be >= 1")
     language_model = None if model is None or isinstance(model, str) else model
     _check_objectives(specs, language_model)
+    specs = _fit_schedules(specs, steps)
     device = torch.device(device)
     path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     state = _load_checkpoint(path, specs, source) if path and resume and path.is_file() else None
@@ -640,9 +668,9 @@ class _Member:
         if scale is not None:  # trained on s·x
             d.fold_activation_scale(scale)
         d.requires_grad_(True)
-        mse, sparsity, l0, loss = (float(v) for v in self.stats)
+        sse, sparsity, l0, loss = (float(v) for v in self.stats)
         if scale is not None:  # metrics in raw units, like the weights
-            mse /= scale**2
+            sse /= scale**2
             loss = math.nan if self.penalty or self.aux_k else loss / scale**2
             sparsity /= 1.0 if self.spec.sparsity == "entropy" else scale
         dead = int(self.resampler.dead.sum())
@@ -653,7 +681,8 @@ class _Member:
             "activation_scale": scale,
         }
         d.config.metrics.update(
-            train_mse=mse,
+            train_mse=sse / d.config.output_dim,
+            train_sse=sse,
             train_sparsity=sparsity,
             train_l0=l0,
             train_loss=loss,
@@ -799,7 +828,8 @@ def _load_checkpoint(path: Path, specs: list[TrainSpec], source: Any) -> dict[st
 
 
 class _ProgressBar:
-    """A rich progress bar on stderr with mean MSE, L0 and dead fraction over the dictionaries."""
+    """Progress on stderr with tokens/s and, over the dictionaries, the mean per-dimension MSE,
+    loss, L0 and dead fraction."""
 
     def __init__(self, enabled: bool, steps: int, start: int) -> None:
         self.progress = new_progress("{task.fields[stats]}") if enabled else None
@@ -811,14 +841,24 @@ class _ProgressBar:
             self.task = self.progress.add_task(
                 "training", total=self.steps, completed=self.start, stats=""
             )
+            self.clock, self.tokens = time.monotonic(), None
         return self
 
     def update(self, done: int, members: list[_Member]) -> None:
         if self.progress is None:
             return
         stats = torch.stack([member.stats for member in members]).nanmean(0)
+        mse = sum(float(m.stats[0]) / m.dictionary.config.output_dim for m in members)
         dead = sum(float(m.resampler.dead.float().mean()) for m in members) / len(members)
-        text = f"mse {stats[0]:.4g}  L0 {stats[2]:.1f}  dead {100 * dead:.1f}%"
+        tokens = members[0].tokens
+        if self.tokens is None:  # the rate counts from the first update (after a resume, too)
+            self.clock, self.tokens = time.monotonic(), tokens
+        seconds = time.monotonic() - self.clock
+        rate = f"{(tokens - self.tokens) / seconds:.3g} tok/s  " if tokens > self.tokens else ""
+        text = (
+            f"{rate}mse {mse / len(members):.4g}  loss {stats[3]:.4g}  L0 {stats[2]:.1f}  "
+            f"dead {100 * dead:.1f}%"
+        )
         if len(members) > 1:
             text += f" (mean of {len(members)})"
         self.progress.update(self.task, completed=done, stats=text)

@@ -301,8 +301,9 @@ def test_statistics():
     assert sign_agreement([1, -1, 2], [3, 1, 0]) == pytest.approx(1 / 3)
 
 
-def test_cli_json(tmp_path, model_dirs):
-    """`circuit --feature ... --json` on a tiny random model with dictionaries from a folder."""
+@pytest.fixture
+def feature_circuit_argv(tmp_path, model_dirs):
+    """`circuit --feature resid.1/3` on a tiny random model with dictionaries from a folder."""
     for i, site in enumerate(("resid.0", "resid.1")):
         random_untied(32, d_dict=16, site=site, seed=i).save(tmp_path / "dicts" / site)
     text = tmp_path / "corpus.txt"
@@ -311,8 +312,13 @@ def test_cli_json(tmp_path, model_dirs):
         "circuit", "--model", str(model_dirs["gpt_neox"]), "--dictionaries",
         str(tmp_path / "dicts"), "--feature", "resid.1/3", "--depth", "1", "--top-k", "2",
         "--text", str(text), "--tokens", "1024", "--ctx-len", "32", "--contexts", "4",
-        "--out", str(tmp_path / "out"), "--json",
+        "--out", str(tmp_path / "out"),
     ]  # fmt: skip
+    return argv
+
+
+def test_cli_json(tmp_path, feature_circuit_argv):
+    argv = [*feature_circuit_argv, "--json"]
     import contextlib
     import io
 
@@ -320,11 +326,30 @@ def test_cli_json(tmp_path, model_dirs):
     with contextlib.redirect_stdout(stdout):
         assert main(argv) == 0
     result = json.loads(stdout.getvalue())
-    assert set(result) == {"nodes", "edges", "faithfulness", "verification", "files"}
+    assert set(result) == {"nodes", "edges", "faithfulness", "verification", "files", "graph"}
     assert set(result["verification"]) == {"spearman", "sign_agreement"}
     assert result["nodes"] >= 1 and len(result["files"]) == 4
+    ids = [node["id"] for node in result["graph"]["nodes"]]
+    assert len(ids) == result["nodes"] and "resid.1/3" in ids
+    assert len(result["graph"]["edges"]) == result["edges"]
+    assert (tmp_path / "out" / "circuit_resid.1_3.json").is_file()
     argv[argv.index("--feature") + 1] = "resid.1/999"
     assert main(argv[:-3]) == 2  # out of range: a one-line error
+
+
+def test_cli_feature_tree_names_the_parents(tmp_path, feature_circuit_argv, capsys):
+    """Without --json: the tree of parent features (effect, tokens) on stdout, one `wrote` line
+    per file on stderr."""
+    assert main(feature_circuit_argv) == 0
+    out, err = capsys.readouterr()
+    graph = json.loads((tmp_path / "out" / "circuit_resid.1_3.json").read_text())
+    parents = [e["source"] for e in graph["edges"] if e["target"] == "resid.1/3"]
+    assert out.startswith("resid.1/3  effect ")
+    assert parents and all(f"── {parent}  effect " in out for parent in parents)
+    assert "nodes / edges" in out
+    written = [line for line in err.splitlines() if line.startswith("wrote ")]
+    assert written == [f"wrote {tmp_path / 'out' / 'circuit_resid.1_3'}{ext}" for ext in
+                       (".json", ".graphml", ".dot", ".png")]  # fmt: skip
 
 
 def test_bad_input(wired):

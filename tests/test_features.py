@@ -197,7 +197,10 @@ def test_cli_json(cli_inputs, capsys):
     root, common = cli_inputs
     png = root / "feature.png"
     assert main(["inspect", "embed/0", *common, "--top-k", "3", "--json", "--png", str(png)]) == 0
-    result = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["png"] == str(png) and png.is_file()
+    assert f"wrote {png}" in err.splitlines()
     assert {"feature", "frequency", "top_contexts", "top_tokens", "logit_effects"} <= set(result)
     assert result["feature"] == "embed/0" and 0 < result["frequency"] < 1
     assert len(result["top_contexts"]) == 3
@@ -237,5 +240,7 @@ def test_views(neox, wired, tmp_path):
     console.print(feature_frequencies(neox, "embed", wired, data, progress=False))
     text = console.export_text()
     assert "top activating contexts" in text and "' John' 100%" in text and "2 dead" in text
+    top = report.contexts[0]
+    assert f"{top.before}[[{top.token}]]{top.after}".replace("\n", "⏎") in text  # plain marks
     assert report._repr_html_().startswith("<iframe srcdoc=")
     assert report.save_png(tmp_path / "f.png").stat().st_size > 1000

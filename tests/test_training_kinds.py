@@ -106,7 +106,8 @@ def test_batchtopk_selects_over_the_batch_and_estimates_a_threshold() -> None:
     d.training_forward(x2)
     pre2 = torch.relu(((x2 - d.b_dec) @ d.W_enc + d.b_enc).detach()).flatten().topk(3 * N).values
     second = pre2[pre2 > 0].min()
-    expected = 0.999 * first + 0.001 * second
+    decay = d.threshold_decay
+    expected = decay * first + (1 - decay) * second
     assert float(d.threshold) == pytest.approx(float(expected), rel=1e-6)
     # inference: the threshold, one row at a time
     f = d.encode(x[:1])

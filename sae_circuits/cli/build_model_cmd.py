@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from sae_circuits.cli.common import add_json_argument, console, print_json
+from sae_circuits.cli.common import add_json_argument, print_json, print_result
 from sae_circuits.errors import UserInputError
 from sae_circuits.models import EMBEDDED_MODEL_NAME, embedded_model_path
 
@@ -15,7 +15,6 @@ from sae_circuits.models import EMBEDDED_MODEL_NAME, embedded_model_path
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "build-model",
-        help="rebuild the embedded model (corpus, tokenizer, training, evaluation) on CPU",
         description=(
             "Generate the corpus from the seed, train the byte-level BPE tokenizer and the "
             "GPT-NeoX model, evaluate IOI / subject-verb agreement on held-out templates and "
@@ -63,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
         ok = "[green]yes" if passed[key] else "[red]no"
         table.add_row(key, f"{metrics[key]:.4f}", f"{op} {threshold}", ok)
     table.add_row("text_loss (held-out stdlib)", f"{metrics['text_loss']:.4f}", "", "")
-    console.print(table)
-    console.print(
+    print_result(table)
+    print_result(
         f"corpus sha256 {record['corpus']['sha256']}  size {record['size_mb']} MB  "
         f"time {record['times_s']['total_s']:.0f} s"
     )

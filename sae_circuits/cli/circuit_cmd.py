@@ -9,8 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sae_circuits.circuits import METHODS, feature_circuit, task_circuit
-from sae_circuits.cli.common import add_json_argument, add_model_argument, console, print_json
-from sae_circuits.cli.tables import circuit_table
+from sae_circuits.circuits.export import node_link
+from sae_circuits.cli.common import (
+    add_json_argument,
+    add_model_argument,
+    print_json,
+    print_result,
+    wrote,
+)
+from sae_circuits.cli.tables import circuit_table, feature_tree
 from sae_circuits.dictionary import CONFIG_FILE, Dictionary, load_dictionaries
 from sae_circuits.errors import UserInputError
 from sae_circuits.models import is_embedded, load_model
@@ -26,7 +33,6 @@ from sae_circuits.views import circuit_view, node_reports, write_page
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "circuit",
-        help="find a circuit of dictionary features",
         description=(
             "With --task: nodes are the features and error terms of the spliced sites (default: "
             "every resid site of the set), scored by their effect on the task metric "
@@ -76,7 +82,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     feature.add_argument("--tokens", type=int, default=32768, help="corpus tokens searched")
     feature.add_argument("--ctx-len", type=int, default=64, help="corpus context length")
     feature.add_argument("--text", help=".txt/.jsonl corpus (default: the model's held-out text)")
-    parser.add_argument("--out", help="folder for circuit.json, .graphml, .dot and .png")
+    parser.add_argument(
+        "--out",
+        help="folder for circuit_<task>.json (--feature resid.3/12: circuit_resid.3_12.json) "
+        "with the node-link graph and the report, and the same graph as .graphml, .dot and .png",
+    )
     parser.add_argument(
         "--html",
         metavar="FILE",
@@ -137,11 +147,12 @@ def run(args: argparse.Namespace) -> int:
         reports = node_reports(model, circuit, dictionaries, batches, args.contexts, progress)
         files.append(write_page(circuit_view(circuit, reports, name), args.html))
     if args.json:
-        print_json(circuit.summary(files))
+        print_json({**circuit.summary(files), "graph": node_link(circuit.graph)})
     else:
-        console.print(circuit_table(circuit))
-        for path in files:
-            console.print(f"wrote {path}")
+        if args.feature:
+            print_result(feature_tree(circuit, target.id))
+        print_result(circuit_table(circuit))
+    wrote(*files)
     return 0
 
 

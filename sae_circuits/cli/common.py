@@ -1,24 +1,98 @@
-"""Pieces shared by the CLI commands: rich console on stderr, JSON on stdout, common arguments."""
+"""Pieces shared by the CLI commands: results on stdout (tables never cut), messages on stderr,
+JSON on stdout, common arguments. Light at import: heavy modules load inside the functions."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.table import Table
 
-from sae_circuits.dictionary import Dictionary, load_dictionaries
 from sae_circuits.errors import UserInputError
 from sae_circuits.nodes import Node
-from sae_circuits.options import add_options
 from sae_circuits.sites import Site
-from sae_circuits.training import TrainSpec
 
-# Progress and tables go to stderr so that `--json` output on stdout stays machine-readable.
-console = Console(stderr=True)
+if TYPE_CHECKING:
+    from sae_circuits.dictionary import Dictionary
+    from sae_circuits.training import TrainSpec
+
+# Wide enough for any table of ours when the output is not a terminal (a file, a pipe).
+_UNBOUNDED_WIDTH = 100_000
+
+
+def print_result(*renderables: Any) -> None:
+    """Print results on stdout, never cut. On a terminal, a table too wide for it is printed
+    transposed if that fits, and otherwise its cells wrap; when stdout is not a terminal every
+    table is printed at its full width and text lines are not wrapped, so that a log or a file
+    keeps every cell and line whole."""
+    out = Console()
+    for renderable in _flattened(renderables):
+        if isinstance(renderable, Table):
+            width = _natural_width(renderable)
+            if not out.is_terminal:
+                Console(width=max(width, out.width)).print(renderable)
+                continue
+            if width > out.width and renderable.show_header and renderable.row_count:
+                transposed = _transposed(renderable)
+                if _natural_width(transposed) <= out.width:
+                    renderable = transposed
+            for column in renderable.columns:
+                column.overflow = "fold"
+        out.print(renderable, soft_wrap=not out.is_terminal)
+
+
+def _natural_width(table: Table) -> int:
+    return Console(width=_UNBOUNDED_WIDTH).measure(table).maximum
+
+
+def _transposed(table: Table) -> Table:
+    """`table` with rows and columns swapped (a wide table of few rows, for a narrow terminal):
+    the first column's cells become the headers, the other headers the first column."""
+    columns = [list(column.cells) for column in table.columns]
+    first, *rest = table.columns
+    transposed = Table(title=table.title)
+    transposed.add_column(first.header)
+    for cell in columns[0]:
+        transposed.add_column(cell, justify="right")
+    for column, cells in zip(rest, columns[1:], strict=True):
+        transposed.add_row(column.header, *cells)
+    return transposed
+
+
+def _flattened(renderables: Iterable[Any]) -> Iterator[Any]:
+    """The renderables, objects with `__rich__` resolved and groups opened."""
+    for renderable in renderables:
+        while hasattr(renderable, "__rich__"):
+            renderable = renderable.__rich__()
+        if isinstance(renderable, Group):
+            yield from _flattened(renderable.renderables)
+        else:
+            yield renderable
+
+
+def print_heading(text: str) -> None:
+    """A section heading on stdout: a rule on a terminal, a plain `== text ==` line otherwise."""
+    out = Console()
+    if out.is_terminal:
+        out.rule(f"[bold]{text}")
+    else:
+        out.print(f"== {text} ==", markup=False, highlight=False)
+
+
+def note(text: str) -> None:
+    """A message on stderr (a warning, a step done), never cut or wrapped."""
+    Console(stderr=True, soft_wrap=True).print(text, markup=False, highlight=False)
+
+
+def wrote(*paths: str | Path) -> None:
+    """One `wrote PATH` line on stderr per file written."""
+    for path in paths:
+        note(f"wrote {path}")
 
 
 def json_text(obj: Any) -> str:
@@ -74,6 +148,8 @@ def add_spec_options(
 ) -> None:
     """`--<field>` options for the `TrainSpec` fields `names`, defaults from `template`, in an
     argument group of their own (`overrides` and `notes` as in `options.add_options`)."""
+    from sae_circuits.options import add_options
+
     group = parser.add_argument_group("training (TrainSpec fields)")
     add_options(
         group,
@@ -107,6 +183,8 @@ _SPEC_NOTES = {"resample_duplicates": "0, none or off: off"}
 
 def load_dictionary_argument(args: argparse.Namespace) -> tuple[Site, Dictionary]:
     """The (site, dictionary) named by --dictionary/--dictionaries and --site (text or a Site)."""
+    from sae_circuits.dictionary import Dictionary, load_dictionaries
+
     if args.dictionaries:
         if not args.site:
             raise UserInputError("--dictionaries needs --site")

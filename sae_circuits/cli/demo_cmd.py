@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from sae_circuits.circuits import Circuit, task_circuit
-from sae_circuits.cli.common import add_json_argument, console, json_text, print_json
+from sae_circuits.cli.common import (
+    add_json_argument,
+    json_text,
+    print_heading,
+    print_json,
+    print_result,
+    wrote,
+)
 from sae_circuits.cli.tables import circuit_table, metrics_table, restore_table
 from sae_circuits.dictionary import load_dictionaries
 from sae_circuits.evaluation import METRIC_KEYS, evaluate
@@ -31,7 +40,6 @@ CIRCUIT_SITES = tuple(Site.parse(f"resid.{layer}") for layer in range(4))
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="a one-minute tour on the embedded model",
         description=(
             "On the embedded model and its shipped dictionaries: IOI performance, the quality of "
             f"two dictionaries ({', '.join(map(str, QUALITY_SITES))}), an IOI feature-patching "
@@ -48,13 +56,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # with --json, stdout holds only the JSON document: the tour is shown on stderr
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = _tour(args)
+    if args.json:
+        print_json(result)
+    return 0
+
+
+def _tour(args: argparse.Namespace) -> dict[str, Any]:
+    """Run and show the tour's five steps; the `demo.json` document."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model = load_model()
     result: dict[str, Any] = {}
 
-    console.rule("[bold]1. IOI on the embedded model")
+    print_heading("1. IOI on the embedded model")
     train = load_task("ioi", model, "abc", args.prompts, 0, "train")
     test = load_task("ioi", model, "abc", args.prompts, 0, "heldout")
     clean = run_task(model, test).metric
@@ -65,33 +83,33 @@ def run(args: argparse.Namespace) -> int:
         "corrupt_metric": corrupt.mean().item(),
         "accuracy": (clean > 0).float().mean().item(),
     }
-    console.print(
+    print_result(
         f"held-out templates, {len(test)} prompts: logit(IO) - logit(S) = "
         f"{result['ioi']['clean_metric']:.2f} (IO wins {result['ioi']['accuracy']:.0%}); "
         f"ABC-corrupted: {result['ioi']['corrupt_metric']:.2f}"
     )
 
-    console.rule("[bold]2. Dictionary quality (set main)")
+    print_heading("2. Dictionary quality (set main)")
     quality_dicts = load_dictionaries("main", sites=list(QUALITY_SITES))
     batches = list(token_batches(model.tokenizer, default_documents(True), 128, 16, 4096))
     quality = evaluate(model, quality_dicts, batches, total_batches=len(batches))
     result["quality"] = {site: {k: m[k] for k in METRIC_KEYS} for site, m in quality.items()}
-    console.print(metrics_table(quality))
+    print_result(metrics_table(quality))
 
-    console.rule(f"[bold]3. IOI feature patching at {PATCH_SITE}: SAE vs PCA vs neurons")
+    print_heading(f"3. IOI feature patching at {PATCH_SITE}: SAE vs PCA vs neurons")
     patch_dict = load_dictionaries("main", sites=[PATCH_SITE])[PATCH_SITE]
     curves = {PATCH_SITE: compare_bases(model, train, test, PATCH_SITE, patch_dict, 20)}
     result["patching"] = {name: c.restored for name, c in curves[PATCH_SITE].items()}
-    console.print(restore_table(curves, 20))
+    print_result(restore_table(curves, 20))
     files = [_write_json(out / "patching.json", result["patching"])]
     files.append(patching_curves(curves, out / "patching.png"))
 
-    console.rule("[bold]4. The IOI circuit over the residual stream")
+    print_heading("4. The IOI circuit over the residual stream")
     circuit_dicts = load_dictionaries("main", sites=list(CIRCUIT_SITES))
     attach(model, circuit_dicts)
     try:
         circuit = task_circuit(model, test, max_nodes=40, sizes=(5, 10, 20, 40))
-        console.print(circuit_table(circuit))
+        print_result(circuit_table(circuit))
         files += circuit.save(out, "circuit_ioi")
     finally:
         detach(model)
@@ -102,22 +120,20 @@ def run(args: argparse.Namespace) -> int:
     reports = node_reports(model, circuit, circuit_dicts, panel_batches, top_k=8)
     files.append(write_page(circuit_view(circuit, reports, "IOI circuit"), out / "circuit.html"))
 
-    console.rule("[bold]5. One feature of the circuit, inspected")
+    print_heading("5. One feature of the circuit, inspected")
     report = reports[_top_feature(circuit).id]
-    console.print(report)
+    print_result(report)
     result["feature"] = report.to_json()
     files.append(report.save_png(out / "feature.png"))
     files.append(write_page(feature_view(report), out / "feature.html"))
 
     result["seconds"] = time.perf_counter() - start
-    files.append(_write_json(out / "demo.json", result))
+    files.append(out / "demo.json")
     result["files"] = [str(f) for f in files]
-    console.rule(f"done in {result['seconds']:.0f} s")
-    for path in files:
-        console.print(f"wrote {path}")
-    if args.json:
-        print_json(result)
-    return 0
+    _write_json(out / "demo.json", result)
+    print_heading(f"done in {result['seconds']:.0f} s")
+    wrote(*files)
+    return result
 
 
 def _top_feature(circuit: Circuit) -> Node:
@@ -131,5 +147,7 @@ def _top_feature(circuit: Circuit) -> Node:
 
 
 def _write_json(path: Path, obj: Any) -> Path:
-    path.write_text(json_text(obj))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json_text(obj))
+    tmp.replace(path)
     return path

@@ -8,9 +8,9 @@ import math
 from sae_circuits.cli.common import (
     add_json_argument,
     add_model_argument,
-    console,
     load_dictionary_argument,
     print_json,
+    print_result,
 )
 from sae_circuits.cli.tables import metrics_table
 from sae_circuits.dictionary import load_dictionaries
@@ -24,7 +24,6 @@ from sae_circuits.text import default_documents, read_documents, token_batches
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate dictionaries spliced into a model",
         description=(
             "Splice dictionaries into the model and measure on held-out text, per site: CE "
             "increase (CE_spliced - CE_clean, nats) and KL(clean || spliced) of the next-token "
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         by_site = {site: {key: m[key] for key in METRIC_KEYS} | m for site, m in results.items()}
         print_json(next(iter(by_site.values())) if len(by_site) == 1 else by_site)
     else:
-        console.print(metrics_table(results))
+        print_result(metrics_table(results))
     return 0
 
 

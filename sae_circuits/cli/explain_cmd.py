@@ -33,9 +33,9 @@ from sae_circuits.autointerp import (
 from sae_circuits.cli.common import (
     add_json_argument,
     add_model_argument,
-    console,
     load_dictionary_argument,
     print_json,
+    print_result,
 )
 from sae_circuits.errors import UserInputError
 from sae_circuits.models import is_embedded, load_model
@@ -47,7 +47,6 @@ from sae_circuits.text import default_documents, read_documents, token_batches
 def register(subparsers: argparse._SubParsersAction) -> None:
     explain = subparsers.add_parser(
         "explain",
-        help="explain features (or neurons, PCA directions) from their top-activating contexts",
         description=(
             "SITE/FEATURE (e.g. resid.2/359), or SITE with --features N (N random units that fire, "
             "seeded): an explanation of each unit written from its top-activating contexts with "
@@ -60,7 +59,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     explain.set_defaults(run=run_explain)
     score = subparsers.add_parser(
         "score",
-        help="score explanations (simulation, detection, fuzzing); mean and 95%% CI per basis",
         description=(
             "Score the explanations of SITE/FEATURE or of N random units (--features N), explaining "
             "first where --out holds none: simulation (Pearson correlation of simulated and true "
@@ -149,7 +147,7 @@ def run_explain(args: argparse.Namespace) -> int:
     if args.json:
         print_json(_document(args, results))
     else:
-        console.print(_units_table(results, scored=False))
+        print_result(_units_table(results, scored=False))
     return 0
 
 
@@ -159,8 +157,8 @@ def run_score(args: argparse.Namespace) -> int:
     if args.json:
         print_json({**_document(args, results), "summary": summary})
     else:
-        console.print(_units_table(results, scored=True))
-        console.print(_summary_table(summary))
+        print_result(_units_table(results, scored=True))
+        print_result(_summary_table(summary))
     return 0
 
 

@@ -11,9 +11,10 @@ from rich.table import Table
 from sae_circuits.cli.common import (
     add_json_argument,
     add_model_argument,
-    console,
     load_dictionary_argument,
     print_json,
+    print_result,
+    wrote,
 )
 from sae_circuits.errors import UserInputError
 from sae_circuits.features import compare_with_neurons, feature_frequencies, inspect_features
@@ -27,7 +28,6 @@ from sae_circuits.views import dictionary_view, feature_view, write_page
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "inspect",
-        help="inspect a feature (contexts, histogram, logit effects) or a dictionary's frequencies",
         description=(
             "SITE/FEATURE (e.g. resid.2/123): top activating contexts, activation histogram split "
             "by token, firing frequency, the logit change of every token when the feature is "
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print_json({"site": site, "top_k": args.top_k, **result})
         else:
-            console.print(_comparison_table(site, result))
+            print_result(_comparison_table(site, result))
         return 0
     if feature is None:
         report = feature_frequencies(
@@ -127,15 +127,14 @@ def run(args: argparse.Namespace) -> int:
             model, site, dictionary, batches, [feature], args.top_k, total_batches=total
         )
         view = feature_view(report) if args.html else None
-    if args.png:
-        report.save_png(args.png)
-    written = {"html": str(write_page(view, args.html))} if view is not None else {}
+    written = {"png": str(report.save_png(args.png))} if args.png else {}
+    if view is not None:
+        written["html"] = str(write_page(view, args.html))
     if args.json:
         print_json({**report.to_json(), **written})
     else:
-        console.print(report)
-        if written:
-            console.print(f"wrote {written['html']}")
+        print_result(report)
+    wrote(*written.values())
     return 0
 
 

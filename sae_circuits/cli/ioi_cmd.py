@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from sae_circuits.cli.common import add_json_argument, add_model_argument, console, print_json
+from sae_circuits.cli.common import (
+    add_json_argument,
+    add_model_argument,
+    print_json,
+    print_result,
+    wrote,
+)
 from sae_circuits.cli.tables import restore_table
 from sae_circuits.dictionary import load_dictionaries
 from sae_circuits.errors import UserInputError
@@ -18,7 +24,6 @@ from sae_circuits.tasks import CORRUPTIONS, load_task
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "ioi",
-        help="patching curves on IOI: SAE features vs PCA, neurons and random directions",
         description=(
             "Rank the directions of each basis at a site by attribution |grad x (c - c_corrupt)| "
             "on IOI prompts from the train templates, then patch the top k (k = 1..K) from the "
@@ -90,12 +95,12 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     else:
-        console.print(
+        print_result(
             f"IOI ({args.corruption}) logit(IO) - logit(S) on {len(test)} held-out prompts: "
             f"clean {any_curve.clean_metric:.3f}, corrupted {any_curve.corrupt_metric:.3f}"
         )
-        console.print(restore_table(curves, args.max_features))
+        print_result(restore_table(curves, args.max_features))
     if args.plot:
         patching_curves(curves, args.plot)
-        console.print(f"wrote {args.plot}")
+        wrote(args.plot)
     return 0

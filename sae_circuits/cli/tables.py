@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from rich.table import Table
+from rich.tree import Tree
 
 from sae_circuits.circuits import Circuit
 from sae_circuits.evaluation import METRIC_KEYS
@@ -56,3 +57,25 @@ def circuit_table(circuit: Circuit) -> Table:
     for point in summary["faithfulness"]:
         table.add_row(f"faithfulness, {point['nodes']} nodes", f"{point['faithfulness']:.3f}")
     return table
+
+
+def feature_tree(circuit: Circuit, root: str) -> Tree:
+    """The upstream features of `root` as a tree: each child is a parent feature found by
+    ablation, with its effect (the drop of the feature below) and its top tokens."""
+
+    def label(name: str) -> str:
+        data = circuit.graph.nodes[name]
+        tokens = f"  {data['label']}" if data.get("label") else ""
+        return f"{name}  effect {data.get('effect', 0.0):+.3g}{tokens}"
+
+    tree = Tree(label(root))
+    branches = [(root, tree)]
+    while branches:
+        name, branch = branches.pop()
+        parents = sorted(
+            circuit.graph.predecessors(name),
+            key=lambda p: -abs(circuit.graph.edges[p, name].get("weight", 0.0)),
+        )
+        for parent in parents:
+            branches.append((parent, branch.add(label(parent))))
+    return tree

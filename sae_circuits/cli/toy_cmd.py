@@ -12,7 +12,13 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from sae_circuits.cli.common import add_json_argument, add_spec_options, console, print_json
+from sae_circuits.cli.common import (
+    add_json_argument,
+    add_spec_options,
+    print_json,
+    print_result,
+    wrote,
+)
 from sae_circuits.options import field_help, option_values
 from sae_circuits.toy import (
     DEFAULT_L1S,
@@ -51,7 +57,6 @@ METHOD_TITLES = {
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "toy",
-        help="sweep dictionaries on synthetic data with known features (MMCS, selection methods)",
         description=(
             "Generate activations from G known unit features in h dimensions (sparse, correlated, "
             "decaying frequencies), train a grid of dictionaries (L1 × size ratio) in one pass, and "
@@ -113,22 +118,26 @@ def run(args: argparse.Namespace) -> int:
         template=replace(TOY_SPEC, **options),
     )
     selected = select(result)
-    for name, title in HEATMAPS.items():
-        console.print(_matrix_table(result, name, title))
-    console.print(_selection_table(selected))
-    console.print(
-        f"{len(result.dictionaries)} dictionaries, {result.steps} steps: {result.seconds:.0f} s"
-    )
     document = {"grid": result.rows(), "selected": selected}
+    if args.json:
+        print_json(document)
+    else:
+        print_result(
+            *(_matrix_table(result, name, title) for name, title in HEATMAPS.items()),
+            _selection_table(selected),
+            f"{len(result.dictionaries)} dictionaries, {result.steps} steps: "
+            f"{result.seconds:.0f} s",
+        )
     if args.out is not None:
         paths = plot_heatmaps(result, args.out)
-        (args.out / "results.json").write_text(
+        results = args.out / "results.json"
+        tmp = results.with_name(results.name + ".tmp")
+        tmp.write_text(
             json.dumps({**document, "steps": result.steps, "seconds": result.seconds}, indent=2)
             + "\n"
         )
-        console.print(f"wrote {', '.join(str(p) for p in paths)} and {args.out / 'results.json'}")
-    if args.json:
-        print_json(document)
+        tmp.replace(results)
+        wrote(*paths, results)
     return 0
 
 

@@ -15,8 +15,8 @@ from sae_circuits.cli.common import (
     add_json_argument,
     add_model_argument,
     add_spec_options,
-    console,
     print_json,
+    print_result,
 )
 from sae_circuits.dictionary import Dictionary
 from sae_circuits.errors import UserInputError
@@ -58,14 +58,14 @@ SPEC_OPTIONS = (
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train dictionaries on a model's activations",
         description=(
             "Harvest activations at one or more sites with nnsight traces into a shuffled "
             "buffer and train a grid of dictionaries (every --site x --dict-size x --l1) in one "
             "pass. Each dictionary is evaluated on held-out text and saved with its config and "
             "metrics: in OUT/<site>/ when there is one dictionary per site, otherwise in "
             "OUT/<site>/<kind>_<size>_l1-<l1>/ (top-k: _k-<k>). An interrupted run resumes from "
-            "OUT/.checkpoint. "
+            "OUT/.checkpoint, removed once the run succeeds. A warm-up that would not end within "
+            "the run is clipped to a tenth of it, with a warning. "
             "With --loss kl or e2e-ds the dictionaries train through the spliced model on "
             "token contexts (about --batch-size tokens per step) instead of shuffled activations."
         ),
@@ -96,7 +96,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-ctxs", type=int, default=256, help="contexts held in the buffer")
     parser.add_argument("--text", help=".txt/.jsonl training text (default: the model's corpus)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for eval")
-    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=500, help="steps between checkpoints"
+    )
+    parser.add_argument(
+        "--keep-checkpoint",
+        action="store_true",
+        help="keep OUT/.checkpoint after a successful run (default: removed)",
+    )
     parser.add_argument(
         "--fp16", action="store_true", help="store weights in float16 (loading gives float32)"
     )
@@ -159,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         storage_dtype=torch.float16 if args.fp16 else None,
+        keep_checkpoint=args.keep_checkpoint,
     )
     rows = [
         {
@@ -174,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rows)
     else:
-        console.print(results_table(rows))
+        print_result(results_table(rows))
     return 0
 
 

@@ -63,7 +63,8 @@ def _top_split(split: dict[str, int], total: int, n: int = 3) -> str:
 
 # ------------------------------------------------------------------------------------ rich
 def feature_renderable(report: FeatureReport) -> Group:
-    """Header, top contexts with the activating token highlighted, histogram, tokens and effects."""
+    """Header, top contexts with the activating token highlighted and marked `[[token]]` (so that
+    a log shows it too), histogram, tokens and effects."""
     header = Text.assemble(
         (f"feature {report.name}", "bold"),
         f"   fires on {report.frequency:.3%} of {report.positions:,} tokens",
@@ -73,7 +74,7 @@ def feature_renderable(report: FeatureReport) -> Group:
     contexts.add_column("context")
     for c in report.contexts:
         line = Text(_flat(c.before), style="dim")
-        line.append(_flat(c.token), style="bold black on yellow")
+        line.append(f"[[{_flat(c.token)}]]", style="bold black on yellow")
         line.append(_flat(c.after), style="dim")
         contexts.add_row(f"{c.activation:.3g}", line)
     histogram = Table(title="activation histogram (bars: log count)", show_edge=False)
