@@ -272,7 +272,7 @@ class Dictionary(nn.Module):
         if (directory / WEIGHTS_FILE).is_file() and (directory / CONFIG_FILE).is_file():
             config = DictionaryConfig.from_dict(_read_json(directory / CONFIG_FILE))
             dictionary = cls.from_config(config)
-            _load_state(dictionary, _read_safetensors(directory / WEIGHTS_FILE), directory)
+            load_weights(dictionary, _read_safetensors(directory / WEIGHTS_FILE), directory)
         elif (directory / "ae.pt").is_file():
             dictionary = _load_dictionary_learning(directory)
         elif (directory / "sae_weights.safetensors").is_file():
@@ -512,46 +512,48 @@ class BatchTopKDictionary(TopKDictionary):
             self.threshold.div_(scale)
 
 
-class _JumpReLU(torch.autograd.Function):
-    """`z · H(z − θ)` with the pseudo-derivative in θ of Rajamanoharan et al. 2024:
-    −(θ/ε) K((z − θ)/ε), K the rectangle kernel 1{|u| < 1/2}."""
+class _ThresholdFunction(torch.autograd.Function):
+    """A function of pre-activations `z` and per-latent thresholds θ whose pseudo-derivative in θ
+    uses the rectangle kernel window K((z − θ)/ε), K(u) = 1{|u| < 1/2} (Rajamanoharan et al.)."""
 
     @staticmethod
-    def forward(
-        ctx: Any, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float
-    ) -> torch.Tensor:
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        z, threshold, bandwidth = inputs
         ctx.save_for_backward(z, threshold)
         ctx.bandwidth = bandwidth
+
+    @staticmethod
+    def window(ctx: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z, θ, K((z − θ)/ε)) of the forward pass."""
+        z, threshold = ctx.saved_tensors
+        return z, threshold, ((z - threshold) / ctx.bandwidth).abs().lt(0.5).to(z.dtype)
+
+
+class _JumpReLU(_ThresholdFunction):
+    """`z · H(z − θ)`, pseudo-derivative in θ: −(θ/ε) K((z − θ)/ε)."""
+
+    @staticmethod
+    def forward(z: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
         return z * (z > threshold)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        z, threshold = ctx.saved_tensors
-        window = _rectangle((z - threshold) / ctx.bandwidth)
+        z, threshold, window = _ThresholdFunction.window(ctx)
         grad_threshold = -(threshold / ctx.bandwidth) * window * grad
         return (z > threshold) * grad, _sum_to(grad_threshold, threshold), None
 
 
-class _Step(torch.autograd.Function):
-    """`H(z − θ)` with the pseudo-derivative in θ −(1/ε) K((z − θ)/ε) and none in z."""
+class _Step(_ThresholdFunction):
+    """`H(z − θ)`, pseudo-derivative in θ: −(1/ε) K((z − θ)/ε); none in z."""
 
     @staticmethod
-    def forward(
-        ctx: Any, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float
-    ) -> torch.Tensor:
-        ctx.save_for_backward(z, threshold)
-        ctx.bandwidth = bandwidth
+    def forward(z: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
         return (z > threshold).to(z.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
-        z, threshold = ctx.saved_tensors
-        window = _rectangle((z - threshold) / ctx.bandwidth)
+        _, threshold, window = _ThresholdFunction.window(ctx)
         return None, _sum_to(-(1 / ctx.bandwidth) * window * grad, threshold), None
-
-
-def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    return (u.abs() < 0.5).to(u.dtype)
 
 
 def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -780,9 +782,17 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserInputError(f"cannot read {path}: {error}") from None
 
 
-def _load_state(dictionary: Dictionary, state: dict[str, torch.Tensor], source: Path) -> None:
+def load_weights(
+    dictionary: Dictionary,
+    state: dict[str, torch.Tensor],
+    source: str | Path,
+    subset: bool = False,
+) -> None:
+    """Copy `state` into `dictionary` (as float32) after checking its names and shapes; with
+    `subset`, `state` may lack weights the dictionary has (e.g. untied weights into a topk one)."""
     expected = dictionary.state_dict()
-    if set(state) != set(expected):
+    names_ok = set(state) <= set(expected) if subset else set(state) == set(expected)
+    if not names_ok:
         raise UserInputError(
             f"{source}: weights {sorted(state)} do not match a {dictionary.kind} dictionary "
             f"({sorted(expected)})"
@@ -790,10 +800,10 @@ def _load_state(dictionary: Dictionary, state: dict[str, torch.Tensor], source: 
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise UserInputError(
-                f"{source}: weight {name} has shape {tuple(tensor.shape)}, the config implies "
-                f"{tuple(expected[name].shape)}"
+                f"{source}: weight {name} has shape {tuple(tensor.shape)}, the dictionary "
+                f"{tuple(expected[name].shape)} (d_in, dictionary size and output width must match)"
             )
-    dictionary.load_state_dict({name: t.float() for name, t in state.items()})
+    dictionary.load_state_dict({name: t.float() for name, t in state.items()}, strict=not subset)
 
 
 # Site names used by the published formats, mapped onto our grammar.
@@ -897,5 +907,6 @@ __all__ = [
     "UntiedDictionary",
     "foreign_site_name",
     "load_dictionaries",
+    "load_weights",
     "shipped_sets",
 ]

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from sae_circuits.batches import TokenBatch
-from sae_circuits.dictionary import Dictionary, DictionaryConfig, TrainingForward
+from sae_circuits.dictionary import Dictionary, DictionaryConfig, TrainingForward, load_weights
 from sae_circuits.errors import UserInputError
 from sae_circuits.models import model_name
 from sae_circuits.objectives import CleanRun, clean_run, downstream_sites, spliced_loss
@@ -429,16 +429,16 @@ class _BatchReader:
 
     def __init__(self, language_model: Model | None, specs: list[TrainSpec]) -> None:
         self.model = language_model
-        keys = {k for spec in specs for k in (spec.key, spec.target_key) if k}
-        self.sites = sorted(Site.parse(key) for key in keys) if language_model is not None else []
+        self.sites: list[Site] = []  # read by each clean run
+        self.downstream: dict[Site, list[Site]] = {}  # of the e2e-ds members' sites
         if language_model is not None:
-            downstream = {
-                Site.parse(spec.key): downstream_sites(language_model, Site.parse(spec.key))
-                for spec in specs
-                if spec.loss == "e2e-ds"
-            }
-            self.downstream = downstream
-            self.sites = sorted({*self.sites, *(s for ss in downstream.values() for s in ss)})
+            for spec in specs:
+                if spec.loss == "e2e-ds":
+                    site = Site.parse(spec.key)
+                    self.downstream[site] = downstream_sites(language_model, site)
+            keys = {k for spec in specs for k in (spec.key, spec.target_key) if k}
+            later = (s for sites in self.downstream.values() for s in sites)
+            self.sites = sorted({*(Site.parse(key) for key in keys), *later})
         self.clean: CleanRun | None = None
         self.slots: dict[Site, Dictionary] = {}  # the dictionary each splice holds between steps
 
@@ -709,19 +709,7 @@ def _initialise_from(dictionary: Dictionary, folder: str, scale: float | None) -
     start = Dictionary.load(folder)
     if scale is not None:
         start.fold_activation_scale(1 / scale)
-    mine, theirs = dictionary.state_dict(), start.state_dict()
-    if not set(theirs) <= set(mine):
-        raise UserInputError(
-            f"--init {folder}: a {start.kind} dictionary has weights a {dictionary.kind} one "
-            f"lacks ({', '.join(sorted(set(theirs) - set(mine)))})"
-        )
-    for name, tensor in theirs.items():
-        if tensor.shape != mine[name].shape:
-            raise UserInputError(
-                f"--init {folder}: weight {name} has shape {tuple(tensor.shape)}, this dictionary "
-                f"{tuple(mine[name].shape)} (d_in, dictionary size and output width must match)"
-            )
-    dictionary.load_state_dict(theirs, strict=False)
+    load_weights(dictionary, start.state_dict(), f"--init {folder}", subset=True)
 
 
 def _entropy(f: torch.Tensor) -> torch.Tensor:
