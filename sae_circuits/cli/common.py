@@ -181,6 +181,46 @@ _SPEC_PARSERS = {"resample_duplicates": {"type": _cosine_or_off}}
 _SPEC_NOTES = {"resample_duplicates": "0, none or off: off"}
 
 
+def add_dictionary_source(parser: argparse.ArgumentParser) -> None:
+    """--dictionaries SET (a shipped set, default main) or --dictionary DIR, one of them."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--dictionaries",
+        metavar="SET",
+        help="a dictionary set shipped for the embedded model (default: main)",
+    )
+    source.add_argument("--dictionary", metavar="DIR", help="dictionary folder")
+
+
+def add_text_options(
+    parser: argparse.ArgumentParser, ctx_len: int, batch_size: int, ctx_note: str = ""
+) -> None:
+    """--text, --tokens, --ctx-len and --batch-size: the text a command scans (`text_batches`)."""
+    parser.add_argument("--text", help=".txt or .jsonl file (default: the model's held-out text)")
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens to scan (default 65536)")
+    parser.add_argument(
+        "--ctx-len",
+        type=int,
+        default=ctx_len,
+        help=f"tokens per context (default {ctx_len}{ctx_note})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        help=f"contexts per batch (default {batch_size})",
+    )
+
+
+def text_batches(args: argparse.Namespace, model: Any) -> Iterator[Any]:
+    """The token batches of `add_text_options`: --text or the model's held-out text."""
+    from sae_circuits.models import is_embedded
+    from sae_circuits.text import default_documents, read_documents, token_batches
+
+    documents = read_documents(args.text) if args.text else default_documents(is_embedded(model))
+    return token_batches(model.tokenizer, documents, args.ctx_len, args.batch_size, args.tokens)
+
+
 def load_dictionary_argument(args: argparse.Namespace) -> tuple[Site, Dictionary]:
     """The (site, dictionary) named by --dictionary/--dictionaries and --site (text or a Site)."""
     from sae_circuits.dictionary import Dictionary, load_dictionaries

@@ -31,17 +31,19 @@ from sae_circuits.autointerp import (
     summarize,
 )
 from sae_circuits.cli.common import (
+    add_dictionary_source,
     add_json_argument,
     add_model_argument,
+    add_text_options,
     load_dictionary_argument,
     print_json,
     print_result,
+    text_batches,
 )
 from sae_circuits.errors import UserInputError
-from sae_circuits.models import is_embedded, load_model
+from sae_circuits.models import load_model
 from sae_circuits.nodes import Node
 from sae_circuits.sites import Site
-from sae_circuits.text import default_documents, read_documents, token_batches
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -89,19 +91,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sae (the dictionary's features), neurons, pca; several compare (default: sae)",
     )
     add_model_argument(parser)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--dictionaries",
-        metavar="SET",
-        help="a dictionary set shipped for the embedded model (default: main)",
-    )
-    source.add_argument("--dictionary", metavar="DIR", help="dictionary folder")
-    parser.add_argument("--text", help=".txt or .jsonl file (default: the model's held-out text)")
-    parser.add_argument("--tokens", type=int, default=65536, help="tokens to scan (default 65536)")
-    parser.add_argument(
-        "--ctx-len", type=int, default=32, help="tokens per context (default 32, as delphi)"
-    )
-    parser.add_argument("--batch-size", type=int, default=32, help="contexts per batch")
+    add_dictionary_source(parser)
+    add_text_options(parser, ctx_len=32, batch_size=32, ctx_note=", as delphi")
     parser.add_argument(
         "--top-contexts",
         type=int,
@@ -181,10 +172,7 @@ def _run(args: argparse.Namespace, scoring: bool) -> list[dict[str, Any]]:
         args.dictionaries = "main"
     site, dictionary = load_dictionary_argument(args)
     model = load_model(args.model, device=args.device)
-    documents = read_documents(args.text) if args.text else default_documents(is_embedded(model))
-    batches = list(
-        token_batches(model.tokenizer, documents, args.ctx_len, args.batch_size, args.tokens)
-    )
+    batches = list(text_batches(args, model))
     if not batches:
         raise UserInputError("the text gave no context of --ctx-len tokens")
     bases = {

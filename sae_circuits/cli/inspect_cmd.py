@@ -9,19 +9,21 @@ import math
 from rich.table import Table
 
 from sae_circuits.cli.common import (
+    add_dictionary_source,
     add_json_argument,
     add_model_argument,
+    add_text_options,
     load_dictionary_argument,
     print_json,
     print_result,
+    text_batches,
     wrote,
 )
 from sae_circuits.errors import UserInputError
 from sae_circuits.features import compare_with_neurons, feature_frequencies, inspect_features
-from sae_circuits.models import is_embedded, load_model
+from sae_circuits.models import load_model
 from sae_circuits.nodes import Node
 from sae_circuits.sites import Site
-from sae_circuits.text import default_documents, read_documents, token_batches
 from sae_circuits.views import dictionary_view, feature_view, write_page
 
 
@@ -41,23 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("target", metavar="SITE[/FEATURE]", help="e.g. resid.2/123 or resid.2")
     add_model_argument(parser)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--dictionaries",
-        metavar="SET",
-        help="a dictionary set shipped for the embedded model (default: main)",
-    )
-    source.add_argument("--dictionary", metavar="DIR", help="dictionary folder")
+    add_dictionary_source(parser)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--frequencies", action="store_true", help="frequencies of all features")
     mode.add_argument(
         "--vs-neurons", action="store_true", help="token concentration: features vs. neurons"
     )
     parser.add_argument("--top-k", type=int, default=20, help="top contexts per unit (default 20)")
-    parser.add_argument("--text", help=".txt or .jsonl file (default: the model's held-out text)")
-    parser.add_argument("--tokens", type=int, default=65536, help="tokens to scan (default 65536)")
-    parser.add_argument("--ctx-len", type=int, default=128, help="context length (default 128)")
-    parser.add_argument("--batch-size", type=int, default=16, help="contexts per batch")
+    add_text_options(parser, ctx_len=128, batch_size=16)
     parser.add_argument(
         "--png",
         metavar="PATH",
@@ -105,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
             f"0..{dictionary.d_dict - 1}"
         )
     model = load_model(args.model, device=args.device)
-    documents = read_documents(args.text) if args.text else default_documents(is_embedded(model))
-    batches = token_batches(model.tokenizer, documents, args.ctx_len, args.batch_size, args.tokens)
+    batches = text_batches(args, model)
     total = math.ceil(args.tokens / (args.ctx_len * args.batch_size))
     if args.vs_neurons:
         result = compare_with_neurons(
