@@ -164,26 +164,28 @@ def evaluate(
     batches: Iterable[TokenBatch],
     skip_first: bool = True,
     progress: bool = True,
-    total_batches: int | None = None,
+    means: Mapping[str | Site, torch.Tensor] | None = None,
 ) -> SiteMap:
     """Metrics (see module docstring) for each dictionary: a `SiteMap` of metric dicts.
 
     `batches` yields token ids `(batch, ctx)` or `(ids, attention_mask)` pairs; they are read twice
     (the mean-activation pass, then the evaluation), so an iterator is first collected into a
-    list. The dictionaries are attached for the evaluation and the model's previous splices
-    restored afterwards. `total_batches` overrides the progress bar's length (default: the number
-    of batches).
+    list. `means` (by site, from `mean_activations` over the same batches) skips the first pass,
+    e.g. when several dictionaries of one site are evaluated one after the other. The dictionaries
+    are attached for the evaluation and the model's previous splices restored afterwards.
     """
     dictionaries = SiteMap(dictionaries)
     batches = list(batches)
     totals = {site: _SiteTotals(dictionary.d_dict) for site, dictionary in dictionaries.items()}
-    total = len(batches) if total_batches is None else total_batches
+    passes = 1 if means is not None else 2
     with (
         temporarily_attached(model, dictionaries),
         torch.no_grad(),
-        progress_bar("evaluating", 2 * total, enabled=progress) as bar,
+        progress_bar("evaluating", passes * len(batches), enabled=progress) as bar,
     ):
-        means = _mean_activations(model, list(dictionaries), batches, skip_first, bar)
+        if means is None:
+            means = mean_activations(model, list(dictionaries), batches, skip_first, bar)
+        means = SiteMap(means)
         for batch in batches:
             ids, mask = split_batch(batch)
             scored = scored_positions(mask, skip_first)
@@ -210,10 +212,16 @@ def evaluate(
     return SiteMap({site: site_totals.metrics() for site, site_totals in totals.items()})
 
 
-def _mean_activations(
-    model: Model, sites: list[Site], batches: list[TokenBatch], skip_first: bool, bar: Progress
-) -> dict[Site, torch.Tensor]:
-    """Each site's mean activation (float32) over the evaluated positions of `batches`."""
+def mean_activations(
+    model: Model,
+    sites: Iterable[str | Site],
+    batches: Iterable[TokenBatch],
+    skip_first: bool = True,
+    bar: Progress | None = None,
+) -> SiteMap:
+    """Each site's mean activation (float32) over the evaluated positions of `batches` (one
+    trace per batch, stopped after the last site)."""
+    sites = sorted(Site.parse(site) for site in sites)
     sums = {site: torch.zeros((), dtype=torch.float64) for site in sites}
     count = 0
     for batch in batches:
@@ -222,8 +230,9 @@ def _mean_activations(
         for site in sites:
             sums[site] = sums[site] + acts[str(site)].double().sum(0)
         count += int(scored_positions(mask, skip_first).sum())
-        bar.advance(0)
-    return {site: (total / max(count, 1)).float() for site, total in sums.items()}
+        if bar is not None:
+            bar.advance(0)
+    return SiteMap((site, (total / max(count, 1)).float()) for site, total in sums.items())
 
 
 def _clean_run(
@@ -281,4 +290,4 @@ def _evaluate_site(
     totals.add_losses(clean, logits)
 
 
-__all__ = ["DENSE_FREQUENCY", "METRIC_KEYS", "evaluate"]
+__all__ = ["DENSE_FREQUENCY", "METRIC_KEYS", "evaluate", "mean_activations"]

@@ -14,7 +14,7 @@ import torch
 
 from sae_circuits.buffer import ActivationBuffer
 from sae_circuits.dictionary import Dictionary
-from sae_circuits.evaluation import evaluate
+from sae_circuits.evaluation import evaluate, mean_activations
 from sae_circuits.models import model_name
 from sae_circuits.objectives import ContextStream
 from sae_circuits.protocols import Model
@@ -107,10 +107,12 @@ def train_and_evaluate(
     )
     eval_batches = list(token_batches(model.tokenizer, eval_documents, ctx_len, 16, eval_tokens))
     grid = len(specs) > len(sites)
+    # one mean-activation pass for all: each dictionary is then evaluated against the same means
+    means = mean_activations(model, {d.config.site for d in dictionaries}, eval_batches)
     saved = []
     for spec, dictionary in zip(specs, dictionaries, strict=True):
         site = dictionary.config.site
-        metrics = evaluate(model, {site: dictionary}, eval_batches)
+        metrics = evaluate(model, {site: dictionary}, eval_batches, means={site: means[site]})
         dictionary.config.metrics.update(metrics[site])
         folder = output_folder(out, spec, grid)
         dictionary.save(folder, dtype=storage_dtype)

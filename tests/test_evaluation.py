@@ -241,3 +241,25 @@ def test_eval_cli_width_mismatch(model_dirs, tmp_path, capsys):
     folder = random_untied(20, site="resid.0").save(tmp_path / "d")
     assert main(["eval", "--model", str(model_dirs["gpt2"]), "--dictionary", str(folder)]) == 2
     assert "width" in capsys.readouterr().err
+
+
+def test_precomputed_means_give_the_same_metrics(models):
+    """`evaluate(..., means=mean_activations(...))` skips the first pass and changes nothing."""
+    from sae_circuits.evaluation import mean_activations
+
+    model = models["gpt_neox"]
+    width = model.config.hidden_size
+    dictionary = random_untied(width, site="resid.0")
+    batches = [
+        torch.randint(
+            1, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(i)
+        )
+        for i in range(2)
+    ]
+    alone = evaluate(model, {"resid.0": dictionary}, batches, progress=False)["resid.0"]
+    means = mean_activations(model, ["resid.0"], batches)
+    given = evaluate(model, {"resid.0": dictionary}, batches, progress=False, means=means)[
+        "resid.0"
+    ]
+    for key, value in alone.items():
+        assert given[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

@@ -92,7 +92,7 @@ def _tour(args: argparse.Namespace) -> dict[str, Any]:
     print_heading("2. Dictionary quality (set main)")
     quality_dicts = load_dictionaries("main", sites=list(QUALITY_SITES))
     batches = list(token_batches(model.tokenizer, default_documents(True), 128, 16, 4096))
-    quality = evaluate(model, quality_dicts, batches, total_batches=len(batches))
+    quality = evaluate(model, quality_dicts, batches)
     result["quality"] = {site: {k: m[k] for k in METRIC_KEYS} for site, m in quality.items()}
     print_result(metrics_table(quality))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 from sae_circuits.cli.common import (
     add_json_argument,
@@ -11,14 +10,14 @@ from sae_circuits.cli.common import (
     load_dictionary_argument,
     print_json,
     print_result,
+    text_batches,
 )
 from sae_circuits.cli.tables import metrics_table
 from sae_circuits.dictionary import load_dictionaries
 from sae_circuits.errors import UserInputError
 from sae_circuits.evaluation import DENSE_FREQUENCY, METRIC_KEYS, evaluate
-from sae_circuits.models import is_embedded, load_model
+from sae_circuits.models import load_model
 from sae_circuits.sites import SiteMap
-from sae_circuits.text import default_documents, read_documents, token_batches
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,10 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError("--tokens must be at least --ctx-len")
     dictionaries = _dictionaries(args)
     model = load_model(args.model, device=args.device)
-    documents = read_documents(args.text) if args.text else default_documents(is_embedded(model))
-    batches = token_batches(model.tokenizer, documents, args.ctx_len, args.batch_size, args.tokens)
-    total = math.ceil(args.tokens / (args.ctx_len * args.batch_size))
-    results = evaluate(model, dictionaries, batches, total_batches=total)
+    results = evaluate(model, dictionaries, text_batches(args, model))
     if args.json:
         by_site = {site: {key: m[key] for key in METRIC_KEYS} | m for site, m in results.items()}
         print_json(next(iter(by_site.values())) if len(by_site) == 1 else by_site)
