@@ -18,8 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rebuild the embedded model (corpus, tokenizer, training, evaluation) on CPU",
         description=(
             "Generate the corpus from the seed, train the byte-level BPE tokenizer and the "
-            "GPT-NeoX model, evaluate IOI / subject-verb agreement on held-out templates and "
-            "write the model folder with its model card (about 25 minutes on 2 CPU cores)."
+            "GPT-NeoX model, evaluate IOI / subject-verb agreement on held-out sentence shapes "
+            "(also per shape) and write the model folder with its model card (about 50 minutes "
+            "on 2 idle CPU cores). An interrupted build resumes from the checkpoint.pt that it "
+            "keeps in the output folder when started again with the same settings."
         ),
     )
     parser.add_argument(
