@@ -102,12 +102,17 @@ def package_dir(name: str) -> Path | None:
 def text_files(split: str) -> list[Path]:
     """Every text source file of a split: the standard library's, then each of `TEXT_PACKAGES`'
     (those installed), each sorted by path."""
+    return list(_text_files(split))
+
+
+@lru_cache(maxsize=2)
+def _text_files(split: str) -> tuple[Path, ...]:
     files = stdlib_files(split)
     for name, excluded in TEXT_PACKAGES.items():
         root = package_dir(name)
         if root is not None:
             files += _python_files(root, split, f"{name}/", excluded)
-    return files
+    return tuple(files)
 
 
 def _comment_blocks(lines: list[str]) -> Iterator[str]:

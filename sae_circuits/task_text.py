@@ -11,7 +11,6 @@ prompts have equal length.
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import re
@@ -26,7 +25,9 @@ from sae_circuits.resources import asset_dir
 SPLITS = ("train", "heldout")
 ORDERS = ("ABBA", "BABA")
 _NAME_SLOTS = ("{A}", "{B}", "{S}", "{IO}")
-TEMPLATES_PER_SHAPE = {"train": 1, "heldout": 6}  # fixed templates per shape of the built-in tasks
+# how many fixed templates the built-in tasks use per split (few enough that each template gets
+# several prompts: mean ablation averages over the prompts of one template)
+TEMPLATE_COUNTS = {"ioi": {"train": 48, "heldout": 24}, "sva": {"train": 48, "heldout": 24}}
 
 
 @cache
@@ -52,13 +53,24 @@ def _check_ioi_template(template_id: str, text: str) -> None:
         raise ValueError(f"IOI template {template_id}: every name slot must follow a space")
 
 
+def _template_shapes(
+    task: str, split: str, shapes: tuple[tuple[str, ...], ...]
+) -> list[tuple[int, tuple[str, ...]]]:
+    """(k, shape) of each fixed template: the shapes taking turns (k-th rendering of a shape), or,
+    when there are more shapes than templates, a fixed sample of the shapes."""
+    count = TEMPLATE_COUNTS[task][split]
+    if count < len(shapes):
+        return [(0, s) for s in random.Random(f"{task}-{split}-shapes").sample(shapes, count)]
+    return [(i // len(shapes), shapes[i % len(shapes)]) for i in range(count)]
+
+
 @cache
 def ioi_templates(split: str) -> tuple[dict[str, str], ...]:
-    """The fixed IOI templates of a split, each `{"id", "text", "shape"}`: `TEMPLATES_PER_SHAPE`
-    renderings of every shape of the split, the shapes taking turns."""
+    """The fixed IOI templates of a split, each `{"id", "text", "shape"}` (`TEMPLATE_COUNTS`):
+    every held-out shape in turn; a fixed sample of the training shapes."""
     _check_split(split)
     out = []
-    for k, shape in itertools.product(range(TEMPLATES_PER_SHAPE[split]), ioi_shapes(split)):
+    for k, shape in _template_shapes("ioi", split, ioi_shapes(split)):
         rng = random.Random(f"ioi-template-{split}-{shape_id(shape)}-{k}")
         text = ioi_template(rng, shape)
         template_id = f"ioi_{split}_{len(out):03d}"
@@ -197,11 +209,11 @@ def _other(number: str) -> str:
 
 @cache
 def sva_templates(split: str) -> tuple[dict[str, str], ...]:
-    """The fixed SVA templates of a split, each `{"id", "text", "shape"}`: `TEMPLATES_PER_SHAPE`
-    renderings (twice that: SVA has fewer shapes) of every shape of the split, taking turns."""
+    """The fixed SVA templates of a split, each `{"id", "text", "shape"}` (`TEMPLATE_COUNTS`),
+    the shapes of the split taking turns."""
     _check_split(split)
     out = []
-    for k, shape in itertools.product(range(2 * TEMPLATES_PER_SHAPE[split]), sva_shapes(split)):
+    for k, shape in _template_shapes("sva", split, sva_shapes(split)):
         rng = random.Random(f"sva-template-{split}-{shape_id(shape)}-{k}")
         text = sva_template(rng, shape)
         template_id = f"sva_{split}_{len(out):03d}"
