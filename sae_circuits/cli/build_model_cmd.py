@@ -64,8 +64,22 @@ def run(args: argparse.Namespace) -> int:
     for key, (op, threshold) in QUALITY_BAR.items():
         ok = "[green]yes" if passed[key] else "[red]no"
         table.add_row(key, f"{metrics[key]:.4f}", f"{op} {threshold}", ok)
-    table.add_row("text_loss (held-out stdlib)", f"{metrics['text_loss']:.4f}", "", "")
+    table.add_row("text_loss (held-out text files)", f"{metrics['text_loss']:.4f}", "", "")
     console.print(table)
+    shapes = Table(title="held-out shapes")
+    for column in ("task", "shape", "accuracy", "logit diff", "ABC mean |diff|", "n"):
+        shapes.add_column(column)
+    for row in record["shapes"]:
+        abc = row.get("abc_abs_logit_diff")
+        shapes.add_row(
+            row["task"],
+            row["shape"],
+            f"{row['accuracy']:.3f}",
+            f"{row['logit_diff']:.3f}",
+            "" if abc is None else f"{abc:.3f}",
+            str(row["n"]),
+        )
+    console.print(shapes)
     console.print(
         f"corpus sha256 {record['corpus']['sha256']}  size {record['size_mb']} MB  "
         f"time {record['times_s']['total_s']:.0f} s"
