@@ -123,24 +123,24 @@ def test_evaluate_shapes_matches_plain_torch(tokenizer):
     assert set(sva_rows) == {grammar.shape_id(s) for s in grammar.sva_shapes("heldout")}
     assert sum(r["n"] for r in ioi_rows.values()) == sum(r["n"] for r in sva_rows.values()) == 48
 
-    def last_logits(prompt):
-        ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
-        with torch.no_grad():
-            return model(input_ids=ids).logits[0, -1]
-
-    def word(w):
-        return tokenizer.encode(w, add_special_tokens=False)[0]
+    def diffs(prompts, goods, bads):
+        """logit(good) - logit(bad) at each prompt's last position, one prompt at a time."""
+        out = []
+        for prompt, good, bad in zip(prompts, goods, bads, strict=True):
+            ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, -1]
+            good_id, bad_id = (
+                tokenizer.encode(w, add_special_tokens=False)[0] for w in (good, bad)
+            )
+            out.append(logits[good_id] - logits[bad_id])
+        return torch.stack(out)
 
     shape = grammar.shape_id(grammar.IOI_HELDOUT_SHAPES[2])
     examples = [e for e in ioi_examples("heldout", 48, 0) if e.shape == shape]
-    clean = torch.stack(
-        [last_logits(e.prompt)[word(e.answer)] - last_logits(e.prompt)[word(e.distractor)]
-         for e in examples]
-    )  # fmt: skip
-    abc = torch.stack(
-        [last_logits(e.abc_prompt)[word(e.answer)] - last_logits(e.abc_prompt)[word(e.distractor)]
-         for e in examples]
-    )  # fmt: skip
+    answers, distractors = [e.answer for e in examples], [e.distractor for e in examples]
+    clean = diffs([e.prompt for e in examples], answers, distractors)
+    abc = diffs([e.abc_prompt for e in examples], answers, distractors)
     row = ioi_rows[shape]
     assert row["n"] == len(examples)
     assert row["accuracy"] == pytest.approx((clean > 0).float().mean().item())
@@ -148,9 +148,8 @@ def test_evaluate_shapes_matches_plain_torch(tokenizer):
     assert row["abc_abs_logit_diff"] == pytest.approx(abc.abs().mean().item(), abs=1e-4)
     shape = grammar.shape_id(grammar.SVA_HELDOUT_SHAPES[0])
     examples = [e for e in sva_examples("heldout", 48, 0) if e.shape == shape]
-    diff = torch.stack(
-        [last_logits(e.prompt)[word(e.correct)] - last_logits(e.prompt)[word(e.wrong)]
-         for e in examples]
-    )  # fmt: skip
+    diff = diffs(
+        [e.prompt for e in examples], [e.correct for e in examples], [e.wrong for e in examples]
+    )
     assert sva_rows[shape]["logit_diff"] == pytest.approx(diff.mean().item(), abs=1e-4)
     assert sva_rows[shape]["accuracy"] == pytest.approx((diff > 0).float().mean().item())
