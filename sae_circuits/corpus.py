@@ -181,9 +181,9 @@ def _text_stream(split: str, seed: int) -> Iterator[str]:
         yield from text_documents(split, seed * 1_000_003 + epoch)
 
 
-def iter_corpus(split: str = "train", seed: int = 0) -> Iterator[str]:
+def iter_corpus(split: str = "train", seed: int = 0, abc_share: float = ABC_SHARE) -> Iterator[str]:
     """Endless deterministic stream of documents; the kind with the largest deficit against `MIX`
-    (in characters so far) comes next."""
+    (in characters so far) comes next. `abc_share` of the IOI sentences name three people."""
     if split not in SPLITS:
         raise UserInputError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     rng = random.Random(f"corpus-{split}-{seed}")
@@ -195,7 +195,7 @@ def iter_corpus(split: str = "train", seed: int = 0) -> Iterator[str]:
         if kind == "text":
             doc = next(text)
         elif kind == "ioi":
-            doc = ioi_sentence(rng, split, abc=rng.random() < ABC_SHARE)
+            doc = ioi_sentence(rng, split, abc=rng.random() < abc_share)
         else:
             k = rng.randint(1, 3)
             doc = " ".join(sva_sentence(rng, split, SVA_ATTRACTOR_SHARE) for _ in range(k))
@@ -203,12 +203,12 @@ def iter_corpus(split: str = "train", seed: int = 0) -> Iterator[str]:
         yield doc
 
 
-def corpus_recipe(seed: int) -> dict[str, object]:
+def corpus_recipe(seed: int, abc_share: float = ABC_SHARE) -> dict[str, object]:
     """The corpus settings recorded in the model card."""
     return {
         "seed": seed,
         "mix_chars": MIX,
-        "ioi_abc_share": ABC_SHARE,
+        "ioi_abc_share": abc_share,
         "sva_attractor_share": SVA_ATTRACTOR_SHARE,
         "stdlib": f"Python {sys.version.split()[0]} Lib/**/*.py minus {sorted(EXCLUDED_DIRS)}",
         "stdlib_train_files": len(stdlib_files("train")),

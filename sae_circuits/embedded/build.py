@@ -26,7 +26,7 @@ import torch
 from rich.progress import Progress
 from tokenizers import Tokenizer
 
-from sae_circuits.corpus import corpus_recipe, iter_corpus
+from sae_circuits.corpus import ABC_SHARE, corpus_recipe, iter_corpus
 from sae_circuits.embedded.evaluate import (
     evaluate_ioi,
     evaluate_model,
@@ -52,6 +52,7 @@ class BuildConfig:
     rotary_pct: float = 0.25
     vocab_size: int = 4096
     tokenizer_chars: int = 3_000_000  # corpus characters the BPE is trained on
+    ioi_abc_share: float = ABC_SHARE  # share of corpus IOI sentences that name three people
     steps: int = 5000
     batch_size: int = 16
     lr: float = 2e-3
@@ -75,6 +76,8 @@ class BuildConfig:
             raise UserInputError("d_model must be a multiple of n_heads")
         if min(self.n_layers, self.d_model, self.ctx, self.steps, self.batch_size) < 1:
             raise UserInputError("n_layers, d_model, ctx, steps and batch_size must be >= 1")
+        if not 0 <= self.ioi_abc_share <= 1:
+            raise UserInputError("ioi_abc_share must be between 0 and 1")
         if self.vocab_size < 512:
             raise UserInputError("vocab_size must be at least 512")
         if self.save_dtype not in ("float16", "float32"):
@@ -88,14 +91,14 @@ def seed_everything(seed: int) -> None:
 
 
 def _tokenized_corpus(
-    tokenizer: Any, n_tokens: int, seed: int, progress: Progress
+    tokenizer: Any, n_tokens: int, seed: int, abc_share: float, progress: Progress
 ) -> tuple[torch.Tensor, str, int]:
     """Stream train documents until `n_tokens` tokens; return (tokens, sha256 of the text, #docs).
 
     The hashed text is exactly what was tokenized: documents each followed by `<|endoftext|>`."""
     eos = tokenizer.token_to_id(EOS)
     task = progress.add_task("corpus", total=n_tokens)
-    docs: Iterator[str] = iter_corpus("train", seed)
+    docs: Iterator[str] = iter_corpus("train", seed, abc_share)
     sha = hashlib.sha256()
     parts: list[np.ndarray] = []
     count = n_docs = 0
@@ -207,7 +210,7 @@ def build_model(
             tokenizer = Tokenizer.from_str(resumed["tokenizer"])
         else:
             head, n_chars = [], 0
-            for doc in iter_corpus("train", seed):
+            for doc in iter_corpus("train", seed, cfg.ioi_abc_share):
                 head.append(doc)
                 n_chars += len(doc)
                 if n_chars >= cfg.tokenizer_chars:
@@ -219,7 +222,9 @@ def build_model(
         # 2. training tokens (the same stream from its start), cut into shuffled windows
         t0 = time.time()
         n_seq = cfg.steps * cfg.batch_size
-        tokens, corpus_sha, n_docs = _tokenized_corpus(tokenizer, n_seq * cfg.ctx, seed, prog)
+        tokens, corpus_sha, n_docs = _tokenized_corpus(
+            tokenizer, n_seq * cfg.ctx, seed, cfg.ioi_abc_share, prog
+        )
         windows = tokens.view(n_seq, cfg.ctx)
         order = torch.randperm(n_seq, generator=torch.Generator().manual_seed(seed))
         times["corpus_s"] = time.time() - t0
@@ -335,7 +340,7 @@ def build_model(
         "config": asdict(cfg),
         "n_parameters": sum(p.numel() for p in saved_model.parameters()),
         "corpus": {
-            **corpus_recipe(seed),
+            **corpus_recipe(seed, cfg.ioi_abc_share),
             "train_tokens": int(tokens.numel()),
             "train_documents": n_docs,
             "sha256": corpus_sha,
