@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Generate the corpus from the seed, train the byte-level BPE tokenizer and the "
             "GPT-NeoX model, evaluate IOI / subject-verb agreement on held-out sentence shapes "
             "(also per shape) and write the model folder with its model card (about 50 minutes "
-            "on 2 idle CPU cores). An interrupted build resumes from the checkpoint.pt that it "
+            "of CPU time; 78 minutes wall on 2 cores shared with other jobs). An interrupted "
+            "build resumes from the checkpoint.pt that it "
             "keeps in the output folder when started again with the same settings."
         ),
     )
