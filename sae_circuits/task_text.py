@@ -1,9 +1,12 @@
-"""Fill the IOI and subject-verb-agreement templates of `tasks/` deterministically from a seed.
+"""IOI and subject-verb-agreement prompts, deterministic for a seed, from the grammar's templates.
 
 Pure Python (no torch): the built-in tasks (`tasks.py`), the corpus (`corpus.py`) and the build of the
-embedded model (`embedded/`) all read their prompts from here.
-Names, SVA nouns and verbs are filled with a leading space (" Mary", " keys", " is"), and the
-embedded tokenizer makes each of them one token, so clean and corrupted prompts have equal length.
+embedded model (`embedded/`) all read their prompts from here. Templates are rendered by
+`sae_circuits.grammar` (train split: training shapes; heldout split: held-out shapes) and filled with
+the names, places, objects, nouns and verbs of `tasks/`.
+Names, SVA nouns and verbs are filled with a leading space (" Mary", " keys", " is"; a name may also
+open the sentence), and the embedded tokenizer makes each of them one token, so clean and corrupted
+prompts have equal length.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ from functools import cache
 from typing import Any
 
 from sae_circuits.errors import UserInputError
+from sae_circuits.grammar import ioi_shapes, ioi_template, shape_id, sva_shapes, sva_template
 from sae_circuits.resources import asset_dir
 
 SPLITS = ("train", "heldout")
 ORDERS = ("ABBA", "BABA")
 _NAME_SLOTS = ("{A}", "{B}", "{S}", "{IO}")
+# how many fixed templates the built-in tasks use per split (few enough that each template gets
+# several prompts: mean ablation averages over the prompts of one template)
+TEMPLATE_COUNTS = {"ioi": {"train": 48, "heldout": 24}, "sva": {"train": 48, "heldout": 24}}
 
 
 @cache
@@ -37,25 +44,45 @@ def _check_split(split: str) -> None:
         raise UserInputError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
 
 
-def ioi_templates(split: str) -> list[dict[str, str]]:
-    """The IOI templates of a split, each `{"id", "text"}`; checks the slot conventions."""
+def _check_ioi_template(template_id: str, text: str) -> None:
+    if any(text.count(slot) != 1 for slot in _NAME_SLOTS):
+        raise ValueError(f"IOI template {template_id} needs each of {_NAME_SLOTS} exactly once")
+    if text.index("{IO}") < max(text.index(s) for s in ("{A}", "{B}", "{S}")):
+        raise ValueError(f"IOI template {template_id}: {{IO}} must be the last name slot")
+    if re.search(r"(?<=\S)\{(A|B|S|IO)\}", text):
+        raise ValueError(f"IOI template {template_id}: every name slot must follow a space")
+
+
+def _template_shapes(
+    task: str, split: str, shapes: tuple[tuple[str, ...], ...]
+) -> list[tuple[int, tuple[str, ...]]]:
+    """(k, shape) of each fixed template: the shapes taking turns (k-th rendering of a shape), or,
+    when there are more shapes than templates, a fixed sample of the shapes."""
+    count = TEMPLATE_COUNTS[task][split]
+    if count < len(shapes):
+        return [(0, s) for s in random.Random(f"{task}-{split}-shapes").sample(shapes, count)]
+    return [(i // len(shapes), shapes[i % len(shapes)]) for i in range(count)]
+
+
+@cache
+def ioi_templates(split: str) -> tuple[dict[str, str], ...]:
+    """The fixed IOI templates of a split, each `{"id", "text", "shape"}` (`TEMPLATE_COUNTS`):
+    every held-out shape in turn; a fixed sample of the training shapes."""
     _check_split(split)
-    templates = load_task_data("ioi")["templates"][split]
-    for t in templates:
-        text = t["text"]
-        if any(text.count(slot) != 1 for slot in _NAME_SLOTS):
-            raise ValueError(f"IOI template {t['id']} needs each of {_NAME_SLOTS} exactly once")
-        if text.index("{IO}") < max(text.index(s) for s in ("{A}", "{B}", "{S}")):
-            raise ValueError(f"IOI template {t['id']}: {{IO}} must be the last name slot")
-        if re.search(r"(?<! )\{(A|B|S|IO)\}", text):
-            raise ValueError(f"IOI template {t['id']}: every name slot must follow a space")
-    return templates
+    out = []
+    for k, shape in _template_shapes("ioi", split, ioi_shapes(split)):
+        rng = random.Random(f"ioi-template-{split}-{shape_id(shape)}-{k}")
+        text = ioi_template(rng, shape)
+        template_id = f"ioi_{split}_{len(out):03d}"
+        _check_ioi_template(template_id, text)
+        out.append({"id": template_id, "text": text, "shape": shape_id(shape)})
+    return tuple(out)
 
 
 def single_token_words() -> list[str]:
     """Words (with leading space) that must be single tokens: names, SVA nouns and verbs."""
     ioi, sva = load_task_data("ioi"), load_task_data("sva")
-    words = [" " + n for n in ioi["names"]]
+    words = [" " + n for n in ioi["names"]] + list(ioi["names"])  # a name may open a sentence
     words += [" " + n[k] for n in sva["nouns"] for k in ("singular", "plural")]
     words += [" " + v[k] for v in sva["verbs"] for k in ("singular", "plural")]
     return list(dict.fromkeys(words))
@@ -79,6 +106,7 @@ class IOIExample:
     abc_prompt: str
     swap_prompt: str
     text: str  # the full clean sentence, answer and ending included
+    shape: str  # the grammar shape of the template
 
     @property
     def answer(self) -> str:
@@ -93,18 +121,29 @@ class IOIExample:
 
 
 def fill_ioi(
-    template: dict[str, str], order: str, io: str, s: str, s2: str, place: str, obj: str
+    text: str,
+    order: str,
+    io: str,
+    s: str,
+    s2: str,
+    place: str,
+    obj: str,
+    answer: str | None = None,
 ) -> tuple[str, str]:
-    """Fill one IOI template; return (prompt up to the answer, full sentence). `s2` fills {S}."""
+    """Fill one IOI template text; return (prompt up to the answer, full sentence). `s2` fills
+    {S}, `answer` (default `io`) fills {IO}; `obj` is an object with its article ("a drink"),
+    {thing} gets its bare noun."""
     a, b = (io, s) if order == "ABBA" else (s, io)
-    full = template["text"].format(A=a, B=b, S=s2, IO=io, place=place, object=obj)
-    cut = template["text"].format(A=a, B=b, S=s2, IO="\x00", place=place, object=obj)
+    fillers = {"A": a, "B": b, "S": s2, "place": place, "object": obj, "thing": obj.split(" ")[-1]}
+    full = text.format(IO=io if answer is None else answer, **fillers)
+    cut = text.format(IO="\x00", **fillers)
     prompt = cut[: cut.index(" \x00")]
     return prompt, full
 
 
 def ioi_examples(split: str = "heldout", n: int = 100, seed: int = 0) -> list[IOIExample]:
-    """`n` IOI examples cycling over the split's templates, orders balanced (ABBA, BABA)."""
+    """`n` IOI examples cycling over the split's templates (so over its shapes), each template in
+    both orders (ABBA, BABA) in turn."""
     _check_split(split)
     if n < 0:
         raise UserInputError(f"n must be >= 0, got {n}")
@@ -113,31 +152,32 @@ def ioi_examples(split: str = "heldout", n: int = 100, seed: int = 0) -> list[IO
     rng = random.Random(f"ioi-{split}-{seed}")
     out = []
     for i in range(n):
-        template = templates[i % len(templates)]
-        order = ORDERS[(i // len(templates)) % 2]
+        template = templates[(i // 2) % len(templates)]
+        order = ORDERS[(i + i // (2 * len(templates))) % 2]
         io, s, c = rng.sample(data["names"], 3)
         place, obj = rng.choice(data["places"]), rng.choice(data["objects"])
-        prompt, text = fill_ioi(template, order, io, s, s, place, obj)
-        abc, _ = fill_ioi(template, order, io, s, c, place, obj)
-        swap, _ = fill_ioi(template, order, s, io, io, place, obj)
-        out.append(IOIExample(prompt, io, s, c, template["id"], order, abc, swap, text))
+        text = template["text"]
+        prompt, full = fill_ioi(text, order, io, s, s, place, obj)
+        abc, _ = fill_ioi(text, order, io, s, c, place, obj)
+        swap, _ = fill_ioi(text, order, s, io, io, place, obj)
+        out.append(
+            IOIExample(prompt, io, s, c, template["id"], order, abc, swap, full, template["shape"])
+        )
     return out
 
 
 def ioi_sentence(rng: random.Random, split: str = "train", abc: bool = False) -> str:
-    """One random full IOI sentence for the corpus. With `abc`, {S} is a third name and the
-    answer is either of the first two names at random (the sentence is then ambiguous)."""
+    """One random full IOI sentence for the corpus, freshly rendered from a random shape of the
+    split. With `abc`, {S} is a third name and the answer is either of the first two names at
+    random (the sentence is then ambiguous)."""
     data = load_task_data("ioi")
-    template = rng.choice(ioi_templates(split))
+    text = ioi_template(rng, rng.choice(ioi_shapes(split)))
     order = rng.choice(ORDERS)
     io, s, c = rng.sample(data["names"], 3)
     place, obj = rng.choice(data["places"]), rng.choice(data["objects"])
     if abc:
-        a, b = (io, s) if order == "ABBA" else (s, io)
-        return template["text"].format(
-            A=a, B=b, S=c, IO=rng.choice((io, s)), place=place, object=obj
-        )
-    return fill_ioi(template, order, io, s, s, place, obj)[1]
+        return fill_ioi(text, order, io, s, c, place, obj, answer=rng.choice((io, s)))[1]
+    return fill_ioi(text, order, io, s, s, place, obj)[1]
 
 
 @dataclass(frozen=True)
@@ -157,32 +197,43 @@ class SVAExample:
     verb_id: str
     corrupt_prompt: str
     text: str
+    shape: str  # the grammar shape of the template
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
 
 
-def sva_templates(split: str) -> list[dict[str, str]]:
-    """The SVA templates of a split, each `{"id", "text"}`."""
+def _other(number: str) -> str:
+    return "plural" if number == "singular" else "singular"
+
+
+@cache
+def sva_templates(split: str) -> tuple[dict[str, str], ...]:
+    """The fixed SVA templates of a split, each `{"id", "text", "shape"}` (`TEMPLATE_COUNTS`),
+    the shapes of the split taking turns."""
     _check_split(split)
-    templates = load_task_data("sva")["templates"][split]
-    for t in templates:
-        if not t["text"].startswith("The {subj}") or t["text"].count("{dist}") != 1:
-            raise ValueError(
-                f"SVA template {t['id']} must start with 'The {{subj}}' and hold one {{dist}}"
-            )
-    return templates
+    out = []
+    for k, shape in _template_shapes("sva", split, sva_shapes(split)):
+        rng = random.Random(f"sva-template-{split}-{shape_id(shape)}-{k}")
+        text = sva_template(rng, shape)
+        template_id = f"sva_{split}_{len(out):03d}"
+        if text.count("{subj}") != 1 or text.count("{dist}") != 1:
+            raise ValueError(f"SVA template {template_id} needs one {{subj}} and one {{dist}}")
+        out.append({"id": template_id, "text": text, "shape": shape_id(shape)})
+    return tuple(out)
 
 
 def _sva_item(
-    rng: random.Random, template: dict[str, str], number: str, dist_number: str
+    rng: random.Random, template: dict[str, str], number: str, dist_numbers: tuple[str, str]
 ) -> SVAExample:
+    """Fill `template`; `dist_numbers` are the numbers of {dist} and {dist2}."""
     data = load_task_data("sva")
-    subj, dist = rng.sample(data["nouns"], 2)
+    subj, dist, dist2 = rng.sample(data["nouns"], 3)
     verb = rng.choice(data["verbs"])
-    other = "plural" if number == "singular" else "singular"
-    prompt = template["text"].format(subj=subj[number], dist=dist[dist_number])
-    corrupt = template["text"].format(subj=subj[other], dist=dist[dist_number])
+    other = _other(number)
+    fillers = {"dist": dist[dist_numbers[0]], "dist2": dist2[dist_numbers[1]]}
+    prompt = template["text"].format(subj=subj[number], **fillers)
+    corrupt = template["text"].format(subj=subj[other], **fillers)
     correct, wrong = " " + verb[number], " " + verb[other]
     text = f"{prompt}{correct} {rng.choice(verb['endings'])}."
     return SVAExample(
@@ -190,17 +241,19 @@ def _sva_item(
         correct,
         wrong,
         subj[number],
-        dist[dist_number],
+        dist[dist_numbers[0]],
         number,
         template["id"],
         verb["id"],
         corrupt,
         text,
+        template["shape"],
     )
 
 
 def sva_examples(split: str = "heldout", n: int = 100, seed: int = 0) -> list[SVAExample]:
-    """`n` agreement prompts whose distractor noun has the other number, numbers balanced."""
+    """`n` agreement prompts whose distractor nouns all have the other number, numbers balanced,
+    cycling over the split's templates (so over its shapes)."""
     _check_split(split)
     if n < 0:
         raise UserInputError(f"n must be >= 0, got {n}")
@@ -209,15 +262,16 @@ def sva_examples(split: str = "heldout", n: int = 100, seed: int = 0) -> list[SV
     out = []
     for i in range(n):
         number = ("singular", "plural")[i % 2]
-        other = "plural" if number == "singular" else "singular"
-        out.append(_sva_item(rng, templates[(i // 2) % len(templates)], number, other))
+        other = _other(number)
+        out.append(_sva_item(rng, templates[(i // 2) % len(templates)], number, (other, other)))
     return out
 
 
 def sva_sentence(rng: random.Random, split: str = "train", p_attractor: float = 0.5) -> str:
-    """One random agreement sentence for the corpus; the distractor has the other number with
-    probability `p_attractor`, otherwise the same number."""
+    """One random agreement sentence for the corpus, freshly rendered from a random shape of the
+    split; each distractor has the other number with probability `p_attractor`."""
     number = rng.choice(("singular", "plural"))
-    other = "plural" if number == "singular" else "singular"
-    dist_number = other if rng.random() < p_attractor else number
-    return _sva_item(rng, rng.choice(sva_templates(split)), number, dist_number).text
+    dist_numbers = tuple(_other(number) if rng.random() < p_attractor else number for _ in "ab")
+    shape = rng.choice(sva_shapes(split))
+    template = {"id": "corpus", "text": sva_template(rng, shape), "shape": shape_id(shape)}
+    return _sva_item(rng, template, number, dist_numbers).text

@@ -1,4 +1,5 @@
-"""The embedded model: quality bar on the committed weights, tokenizer, corpus, templates, build."""
+"""The embedded model: quality bar on the committed weights, tokenizer, corpus, build (grammar and
+prompts: test_grammar.py)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPTNeoXForCausalLM
 
-from sae_circuits.corpus import iter_corpus, stdlib_files
-from sae_circuits.embedded.evaluate import evaluate_model
+from sae_circuits.corpus import iter_corpus, stdlib_files, text_files
+from sae_circuits.embedded.evaluate import QUALITY_BAR, evaluate_model, quality_checks
 from sae_circuits.errors import UserInputError
 from sae_circuits.models import EMBEDDED_MODEL_NAME, embedded_model_path
-from sae_circuits.task_text import (
-    ioi_examples,
-    ioi_templates,
-    load_task_data,
-    single_token_words,
-    sva_examples,
-    sva_templates,
-)
+from sae_circuits.task_text import ioi_examples, load_task_data, single_token_words
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +38,8 @@ def shipped_metrics(shipped):
 
 def test_shipped_model_ioi_logit_diff_and_abc(shipped_metrics):
     metrics = shipped_metrics
-    assert metrics["ioi_logit_diff"] >= 3.0, metrics
-    assert abs(metrics["ioi_abc_logit_diff"]) <= 1.0, metrics
+    assert metrics["ioi_logit_diff"] >= 3.5, metrics
+    assert metrics["ioi_abc_abs_logit_diff"] <= 1.0, metrics
     assert 0 < metrics["text_loss"] < 10, metrics
 
 
@@ -122,58 +116,31 @@ def test_corpus_is_deterministic_in_the_seed():
 def test_corpus_splits_are_disjoint():
     train, heldout = set(stdlib_files("train")), set(stdlib_files("heldout"))
     assert train and heldout and not train & heldout
-    for name, templates in (("ioi", ioi_templates), ("sva", sva_templates)):
-        ids_train = {t["text"] for t in templates("train")}
-        ids_held = {t["text"] for t in templates("heldout")}
-        assert not ids_train & ids_held, name
+    train, heldout = set(text_files("train")), set(text_files("heldout"))
+    assert train and heldout and not train & heldout
+    assert len(train) > 2 * len(stdlib_files("train"))  # the packages' files come in
     with pytest.raises(UserInputError):
         next(iter_corpus("validation"))
 
 
 def test_task_data_sizes():
     ioi = load_task_data("ioi")
-    assert len(ioi["templates"]["train"]) + len(ioi["templates"]["heldout"]) >= 30
-    assert len(ioi["templates"]["heldout"]) >= 6
     assert len(ioi["names"]) >= 60 and len(set(ioi["names"])) == len(ioi["names"])
     assert ioi["places"] and ioi["objects"]
     sva = load_task_data("sva")
-    assert sva["templates"]["heldout"] and sva["nouns"] and sva["verbs"]
-
-
-# --- template fill --------------------------------------------------------------------------
-
-
-def test_ioi_examples(shipped):
-    _, tokenizer = shipped
-    examples = ioi_examples("heldout", 120, seed=5)
-    assert examples == ioi_examples("heldout", 120, seed=5)
-    assert {e.order for e in examples} == {"ABBA", "BABA"}
-    assert {e.template_id for e in examples} == {t["id"] for t in ioi_templates("heldout")}
-    for e in examples:
-        assert len({e.io, e.s, e.c}) == 3
-        assert e.text.startswith(e.prompt + " " + e.io)
-        assert e.prompt.count(" " + e.s) == 2 and e.prompt.count(" " + e.io) == 1
-        assert e.abc_prompt.count(" " + e.s) == 1 and e.abc_prompt.count(" " + e.c) == 1
-        n = len(tokenizer.encode(e.prompt, add_special_tokens=False))
-        assert len(tokenizer.encode(e.abc_prompt, add_special_tokens=False)) == n
-        assert len(tokenizer.encode(e.swap_prompt, add_special_tokens=False)) == n
-
-
-def test_sva_examples(shipped):
-    _, tokenizer = shipped
-    examples = sva_examples("heldout", 80, seed=1)
-    assert {e.number for e in examples} == {"singular", "plural"}
-    verbs = {(v["singular"], v["plural"]) for v in load_task_data("sva")["verbs"]}
-    for e in examples:
-        assert (e.correct.strip(), e.wrong.strip()) in verbs | {(p, s) for s, p in verbs}
-        assert e.text.startswith(e.prompt + e.correct)
-        n = len(tokenizer.encode(e.prompt, add_special_tokens=False))
-        assert len(tokenizer.encode(e.corrupt_prompt, add_special_tokens=False)) == n
+    assert sva["nouns"] and sva["verbs"]
 
 
 def test_bad_split_is_user_error():
     with pytest.raises(UserInputError):
         ioi_examples("test", 3)
+
+
+def test_quality_checks():
+    good = {key: threshold for key, (_, threshold) in QUALITY_BAR.items()}
+    assert all(quality_checks(good).values())
+    assert not quality_checks({**good, "ioi_abc_abs_logit_diff": 1.5})["ioi_abc_abs_logit_diff"]
+    assert not quality_checks({**good, "ioi_accuracy": 0.9})["ioi_accuracy"]
 
 
 # --- build ----------------------------------------------------------------------------------
@@ -191,6 +158,7 @@ SMOKE = dict(
     eval_n=8,
     eval_every=2,
     log_every=1,
+    checkpoint_every=2,
     progress=False,
 )
 
@@ -219,6 +187,36 @@ def test_build_model_smoke_and_determinism(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "a"))
     for word in random.Random(0).sample(single_token_words(), 10):
         assert len(tokenizer.encode(word, add_special_tokens=False)) == 1
+
+
+def test_interrupted_build_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from sae_circuits.embedded import build
+
+    settings = {**SMOKE, "steps": 4, "eval_every": 0}
+    build.build_model(tmp_path / "a", seed=2, **settings)
+    save = build._save_checkpoint
+
+    def save_then_stop(path, state):
+        save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_model(tmp_path / "b", seed=2, **settings)
+    assert (tmp_path / "b" / build.CHECKPOINT).is_file()
+    monkeypatch.setattr(build, "_save_checkpoint", save)
+    resumed = build.build_model(tmp_path / "b", seed=2, **settings)
+    assert not (tmp_path / "b" / build.CHECKPOINT).exists()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
+    assert len((tmp_path / "b" / "train_log.csv").read_text().splitlines()) == 1 + 4
+    assert {r["shape"] for r in resumed["shapes"]} >= {"names_first/none/plain/give/a"}
+    with pytest.raises(UserInputError):  # a checkpoint of other settings is not mixed in
+        monkeypatch.setattr(build, "_save_checkpoint", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            build.build_model(tmp_path / "c", seed=2, **settings)
+        build.build_model(tmp_path / "c", seed=3, **settings)
 
 
 def test_build_model_rejects_bad_settings(tmp_path):

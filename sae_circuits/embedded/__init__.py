@@ -3,8 +3,8 @@ project itself.
 
 `build_model` rebuilds it end to end (corpus, tokenizer, training, evaluation, model card) into a
 model folder named `EMBEDDED_MODEL_NAME`. Nothing at run time imports this package: the corpus and
-the task templates the build trains on are runtime modules (`sae_circuits.corpus`,
-`sae_circuits.task_text`), and `sae_circuits.models` finds and recognises the shipped copy.
+the task sentences the build trains on are runtime modules (`sae_circuits.corpus`,
+`sae_circuits.grammar`, `sae_circuits.task_text`), and `sae_circuits.models` finds and recognises the shipped copy.
 """
 
 from __future__ import annotations

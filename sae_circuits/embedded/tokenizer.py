@@ -31,10 +31,14 @@ def train_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    missing = [w for w in required_words if len(tok.encode(w).ids) != 1]
-    if missing:
+    required = list(required_words)
+    # an added token ("Mary") can split a learned one (" Mary"): add those too, until stable
+    for _ in range(3):
+        missing = [w for w in required if len(tok.encode(w).ids) != 1]
+        if not missing:
+            break
         tok.add_tokens(missing)
-    check_single_tokens(tok, required_words)
+    check_single_tokens(tok, required)
     return tok
 
 
