@@ -1,49 +1,86 @@
 #!/usr/bin/env bash
-# Rebuild the dictionary sets shipped for the embedded model from the recorded seed, then the
-# quality table and frequency histograms (dictionaries/<model>/README.md).
-#   bash scripts/shipped_dictionaries.sh            # the sets as shipped
-#   SWEEP=1 bash scripts/shipped_dictionaries.sh    # first the L1 sweep used to choose the L1 values
+# Rebuild the dictionary sets shipped for the embedded model, then the quality tables and the
+# frequency histograms (dictionaries/<model>/README.md).
+#
+#   bash scripts/shipped_dictionaries.sh          # every stage; rerunning resumes (each train
+#                                                 # command keeps OUT/.checkpoint until it ends)
+#   STAGE=mse bash scripts/shipped_dictionaries.sh   # one stage: mse, kl, transcoders or wide
+#
+# Recipe (chosen by the Pareto study of docs/training.md on resid.2): top-k dictionaries with
+# AuxK, 1024 latents (4096 in `wide`), activations normalised to mean squared norm d; trained on
+# MSE for MSE_TOKENS, then fine-tuned through the spliced model on the KL of the next-token
+# distributions for KL_TOKENS (error term zeroed; `--loss kl --init`). k = 32 on the residual
+# stream (quality bar: L0 <= 32) and 64 on attention and MLP outputs (bar: L0 <= 64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$(python -c "from sae_circuits.models import EMBEDDED_MODEL_NAME as n; print(n)")
-OUT=dictionaries/$MODEL
-TOKENS=${TOKENS:-1000000}
-COMMON=(--seed 0 --batch-size 1024 --warmup-steps 100 --resample-every 150 --dead-window 100
-        --normalize --n-ctxs 256 --ctx-len 128 --eval-tokens 16384 --fp16)
+LAYERS=$(python -c "import json; print(json.load(open('models/$MODEL/config.json'))['num_hidden_layers'])")
+OUT=${OUT:-dictionaries/$MODEL}
+RUNS=${RUNS:-runs/shipped}
+MSE_TOKENS=${MSE_TOKENS:-2000000}
+KL_TOKENS=${KL_TOKENS:-200000}
+WIDE_TOKENS=${WIDE_TOKENS:-3000000}
+STAGE=${STAGE:-all}
+COMMON=(--seed 0 --kind topk --batch-size 1024 --warmup-steps 100 --n-ctxs 256 --ctx-len 128
+        --eval-tokens "${EVAL_TOKENS:-16384}" --checkpoint-every 200)
 
-if [[ "${SWEEP:-0}" == 1 ]]; then
-  mkdir -p runs
-  sae-circuits train --site resid.2 --site mlp.2 --site attn.2 --dict-size 1024 \
-    --l1 0.1 --l1 0.3 --l1 1 --l1 3 --tokens 400000 "${COMMON[@]}" \
-    --out runs/sweep --json > runs/sweep.json
+sites() {  # sites KIND...: KIND.0 ... KIND.(LAYERS-1) for each kind, as --site arguments
+  for kind in "$@"; do
+    for ((layer = 0; layer < LAYERS; layer++)); do printf -- '--site %s.%d ' "$kind" "$layer"; done
+  done
+}
+run() { [[ "$STAGE" == all || "$STAGE" == "$1" ]]; }
+
+# 1. MSE + AuxK from scratch (all sites of a k in one pass over the model).
+if run mse; then
+  # shellcheck disable=SC2046
+  sae-circuits train --site embed $(sites resid) --dict-size 1024 --k 32 --normalize \
+    --tokens "$MSE_TOKENS" "${COMMON[@]}" --out "$RUNS/mse"
+  # shellcheck disable=SC2046
+  sae-circuits train $(sites attn mlp) --dict-size 1024 --k 64 --normalize \
+    --tokens "$MSE_TOKENS" "${COMMON[@]}" --out "$RUNS/mse"
 fi
 
-# main: untied, L1, 1024 features (4x the width) at every site; L1 per kind of site from the sweep.
-# resid.3 (the last block, read by the final layer norm) needs a smaller L1 than resid.0-2 (at l1=3
-# its L0 was 4 and the loss recovered negative) and more training: at 1M activations no L1 gave
-# L0 <= 30 with >= 90% loss recovered (L1 0.5: L0 42, 82%), at 3M L1 0.5 did (L0 27, 90.6%). A small
-# grid per width is trained (1024 features on RESID3_TOKENS; 4096 on RESID3_WIDE_TOKENS, since at 3M
-# L1 0.5 gave L0 39, 85.8%) and pick_resid3.py keeps per width the best that meets L0 <= 30 and
-# >= 90% loss recovered, else the sparsest that recovers >= 90%.
-RESID3_TOKENS=${RESID3_TOKENS:-4000000}
-RESID3_WIDE_TOKENS=${RESID3_WIDE_TOKENS:-6000000}
-WIDE_TOKENS=${WIDE_TOKENS:-3000000}
-sae-circuits train --site embed --site resid.0 --site resid.1 --site resid.2 \
-  --dict-size 1024 --l1 3 --tokens "$TOKENS" "${COMMON[@]}" --out "$OUT/main"
-sae-circuits train --site resid.3 --dict-size 1024 --l1 0.4 --l1 0.5 --l1 0.6 \
-  --tokens "$RESID3_TOKENS" "${COMMON[@]}" --out runs/resid3_main
-sae-circuits train --site resid.3 --dict-size 4096 --l1 0.5 --l1 0.6 \
-  --tokens "$RESID3_WIDE_TOKENS" "${COMMON[@]}" --out runs/resid3_wide
-python scripts/pick_resid3.py runs/resid3_main/resid.3 runs/resid3_wide/resid.3 "$OUT"
-sae-circuits train --site attn.0 --site attn.1 --site attn.2 --site attn.3 \
-  --dict-size 1024 --l1 0.3 --tokens "$TOKENS" "${COMMON[@]}" --out "$OUT/main"
-sae-circuits train --site mlp.0 --site mlp.1 --site mlp.2 --site mlp.3 \
-  --dict-size 1024 --l1 0.1 --tokens "$TOKENS" "${COMMON[@]}" --out "$OUT/main"
+# 2. KL fine-tuning through the spliced model, one dictionary per command (each starts from its
+#    MSE folder), into the shipped `main` set.
+if run kl; then
+  for folder in "$RUNS"/mse/*/topk_*; do
+    site=$(basename "$(dirname "$folder")")
+    k=${folder##*_k-}
+    sae-circuits train --site "$site" --dict-size 1024 --k "$k" --loss kl --init "$folder" \
+      --lr 3e-4 --tokens "$KL_TOKENS" "${COMMON[@]}" --warmup-steps 20 --fp16 \
+      --out "$RUNS/kl"
+    mkdir -p "$OUT/main"
+    rm -rf "$OUT/main/$site"
+    cp -r "$RUNS/kl/$site/topk_1024_k-$k" "$OUT/main/$site"
+  done
+fi
 
-# wide: 4x larger (4096 features) at the residual stream (resid.3 comes from the runs above); at 1M
-# activations L1 3 gave L0 39-43, so the wide set trains on WIDE_TOKENS
-sae-circuits train --site resid.0 --site resid.1 --site resid.2 \
-  --dict-size 4096 --l1 3 --tokens "$WIDE_TOKENS" "${COMMON[@]}" --out "$OUT/wide"
+# 3. MLP transcoders mlp_in.L -> mlp.L (top-k 64 with AuxK, skip connection), set `transcoders`.
+if run transcoders; then
+  for ((layer = 0; layer < LAYERS; layer++)); do
+    sae-circuits train --kind transcoder --site "mlp_in.$layer" --target-site "mlp.$layer" \
+      --skip --dict-size 1024 --k 64 --normalize --tokens "$MSE_TOKENS" \
+      "${COMMON[@]/topk/transcoder}" --fp16 --out "$OUT/transcoders"
+  done
+fi
 
-rm -rf "$OUT/main/.checkpoint" "$OUT/wide/.checkpoint" runs/resid3_main runs/resid3_wide
-python scripts/dictionary_report.py
+# 4. wide: 4096 latents at the residual stream (MSE + AuxK on WIDE_TOKENS, then KL).
+if run wide; then
+  # shellcheck disable=SC2046
+  sae-circuits train $(sites resid) --dict-size 4096 --k 32 --normalize \
+    --tokens "$WIDE_TOKENS" "${COMMON[@]}" --out "$RUNS/wide-mse"
+  for folder in "$RUNS"/wide-mse/*/topk_*; do
+    site=$(basename "$(dirname "$folder")")
+    sae-circuits train --site "$site" --dict-size 4096 --k 32 --loss kl --init "$folder" \
+      --lr 3e-4 --tokens "$KL_TOKENS" "${COMMON[@]}" --warmup-steps 20 --fp16 \
+      --out "$RUNS/wide-kl"
+    mkdir -p "$OUT/wide"
+    rm -rf "$OUT/wide/$site"
+    cp -r "$RUNS/wide-kl/$site/topk_4096_k-32" "$OUT/wide/$site"
+  done
+fi
+
+if run report; then
+  python scripts/dictionary_report.py
+fi
