@@ -13,7 +13,7 @@ from sae_circuits.errors import UserInputError
 from sae_circuits.protocols import Model
 from sae_circuits.resources import asset_dir
 
-EMBEDDED_MODEL_NAME = "neox-ioi-4l"
+EMBEDDED_MODEL_NAME = "neox-ioi-6l"
 
 
 def embedded_model_path() -> Path:

@@ -30,6 +30,7 @@ sites() {  # sites KIND...: KIND.0 ... KIND.(LAYERS-1) for each kind, as --site 
   done
 }
 run() { [[ "$STAGE" == all || "$STAGE" == "$1" ]]; }
+k_of() { python -c "import json, sys; print(json.load(open(sys.argv[1] + '/config.json'))['k'])" "$1"; }
 
 # 1. MSE + AuxK from scratch (all sites of a k in one pass over the model).
 if run mse; then
@@ -44,15 +45,16 @@ fi
 # 2. KL fine-tuning through the spliced model, one dictionary per command (each starts from its
 #    MSE folder), into the shipped `main` set.
 if run kl; then
-  for folder in "$RUNS"/mse/*/topk_*; do
-    site=$(basename "$(dirname "$folder")")
-    k=${folder##*_k-}
+  for folder in "$RUNS"/mse/*/; do
+    folder=${folder%/}
+    site=$(basename "$folder")
+    k=$(k_of "$folder")
     sae-circuits train --site "$site" --dict-size 1024 --k "$k" --loss kl --init "$folder" \
       --lr 3e-4 --tokens "$KL_TOKENS" "${COMMON[@]}" --warmup-steps 20 --fp16 \
       --out "$RUNS/kl"
     mkdir -p "$OUT/main"
     rm -rf "$OUT/main/$site"
-    cp -r "$RUNS/kl/$site/topk_1024_k-$k" "$OUT/main/$site"
+    cp -r "$RUNS/kl/$site" "$OUT/main/$site"
   done
 fi
 
@@ -70,14 +72,15 @@ if run wide; then
   # shellcheck disable=SC2046
   sae-circuits train $(sites resid) --dict-size 4096 --k 32 --normalize \
     --tokens "$WIDE_TOKENS" "${COMMON[@]}" --out "$RUNS/wide-mse"
-  for folder in "$RUNS"/wide-mse/*/topk_*; do
-    site=$(basename "$(dirname "$folder")")
+  for folder in "$RUNS"/wide-mse/*/; do
+    folder=${folder%/}
+    site=$(basename "$folder")
     sae-circuits train --site "$site" --dict-size 4096 --k 32 --loss kl --init "$folder" \
       --lr 3e-4 --tokens "$KL_TOKENS" "${COMMON[@]}" --warmup-steps 20 --fp16 \
       --out "$RUNS/wide-kl"
     mkdir -p "$OUT/wide"
     rm -rf "$OUT/wide/$site"
-    cp -r "$RUNS/wide-kl/$site/topk_4096_k-32" "$OUT/wide/$site"
+    cp -r "$RUNS/wide-kl/$site" "$OUT/wide/$site"
   done
 fi
 

@@ -14,7 +14,7 @@ from sae_circuits import LinearBasis, UserInputError, attach, attached, detach
 from sae_circuits.cli import main
 from sae_circuits.dictionary import CONFIG_FILE
 from sae_circuits.interventions import ablate, generate_pinned, patch, pin, run
-from sae_circuits.models import embedded_model_path
+from sae_circuits.models import EMBEDDED_MODEL_NAME, embedded_model_path
 from sae_circuits.patching_curves import compare_bases, patching_curve, rank_features
 from sae_circuits.resources import asset_dir
 from sae_circuits.sites import Site, torch_module
@@ -273,7 +273,7 @@ def test_bad_interventions(models):
 def test_ioi_cli_json_on_embedded_model(capsys):
     """Needs the embedded model and its shipped `main` dictionaries (models/, dictionaries/)."""
     assert (embedded_model_path() / "config.json").is_file(), "embedded model missing"
-    main_set = asset_dir("dictionaries") / "neox-ioi-4l" / "main" / "resid.2"
+    main_set = asset_dir("dictionaries") / EMBEDDED_MODEL_NAME / "main" / "resid.2"
     assert (main_set / CONFIG_FILE).is_file(), f"shipped dictionary missing at {main_set}"
     argv = ["ioi", "--site", "resid.2", "--max-features", "3", "--n-prompts", "16", "--json"]
     assert main(argv) == 0
