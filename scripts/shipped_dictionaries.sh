@@ -2,8 +2,9 @@
 # Rebuild the dictionary sets shipped for the embedded model, then the quality tables and the
 # frequency histograms (dictionaries/<model>/README.md).
 #
-#   bash scripts/shipped_dictionaries.sh          # every stage; rerunning resumes (each train
-#                                                 # command keeps OUT/.checkpoint until it ends)
+#   bash scripts/shipped_dictionaries.sh          # every stage; rerunning resumes: finished
+#                                                 # dictionaries are skipped, an interrupted train
+#                                                 # command resumes from its OUT/.checkpoint
 #   STAGE=mse bash scripts/shipped_dictionaries.sh   # one stage: mse, kl, transcoders or wide
 #
 # Recipe (chosen by the Pareto study of docs/training.md on resid.2): top-k dictionaries with
@@ -30,16 +31,20 @@ sites() {  # sites KIND...: KIND.0 ... KIND.(LAYERS-1) for each kind, as --site 
   done
 }
 run() { [[ "$STAGE" == all || "$STAGE" == "$1" ]]; }
+trained() { [[ -f "$1/config.json" ]]; }  # a finished train command saved its config last
 k_of() { python -c "import json, sys; print(json.load(open(sys.argv[1] + '/config.json'))['k'])" "$1"; }
 
 # 1. MSE + AuxK from scratch (all sites of a k in one pass over the model).
 if run mse; then
+  last=$((LAYERS - 1))
   # shellcheck disable=SC2046
-  sae-circuits train --site embed $(sites resid) --dict-size 1024 --k 32 --normalize \
-    --tokens "$MSE_TOKENS" "${COMMON[@]}" --out "$RUNS/mse"
+  trained "$RUNS/mse/resid.$last" ||
+    sae-circuits train --site embed $(sites resid) --dict-size 1024 --k 32 --normalize \
+      --tokens "$MSE_TOKENS" "${COMMON[@]}" --out "$RUNS/mse"
   # shellcheck disable=SC2046
-  sae-circuits train $(sites attn mlp) --dict-size 1024 --k 64 --normalize \
-    --tokens "$MSE_TOKENS" "${COMMON[@]}" --out "$RUNS/mse"
+  trained "$RUNS/mse/mlp.$last" ||
+    sae-circuits train $(sites attn mlp) --dict-size 1024 --k 64 --normalize \
+      --tokens "$MSE_TOKENS" "${COMMON[@]}" --out "$RUNS/mse"
 fi
 
 # 2. KL fine-tuning through the spliced model, one dictionary per command (each starts from its
@@ -49,9 +54,10 @@ if run kl; then
     folder=${folder%/}
     site=$(basename "$folder")
     k=$(k_of "$folder")
-    sae-circuits train --site "$site" --dict-size 1024 --k "$k" --loss kl --init "$folder" \
-      --lr 3e-4 --tokens "$KL_TOKENS" "${COMMON[@]}" --warmup-steps 20 --fp16 \
-      --out "$RUNS/kl"
+    trained "$RUNS/kl/$site" ||
+      sae-circuits train --site "$site" --dict-size 1024 --k "$k" --loss kl --init "$folder" \
+        --lr 3e-4 --tokens "$KL_TOKENS" "${COMMON[@]}" --warmup-steps 20 --fp16 \
+        --out "$RUNS/kl"
     mkdir -p "$OUT/main"
     rm -rf "$OUT/main/$site"
     cp -r "$RUNS/kl/$site" "$OUT/main/$site"
@@ -61,23 +67,26 @@ fi
 # 3. MLP transcoders mlp_in.L -> mlp.L (top-k 64 with AuxK, skip connection), set `transcoders`.
 if run transcoders; then
   for ((layer = 0; layer < LAYERS; layer++)); do
-    sae-circuits train --kind transcoder --site "mlp_in.$layer" --target-site "mlp.$layer" \
-      --skip --dict-size 1024 --k 64 --normalize --tokens "$MSE_TOKENS" \
-      "${COMMON[@]/topk/transcoder}" --fp16 --out "$OUT/transcoders"
+    trained "$OUT/transcoders/mlp.$layer" ||
+      sae-circuits train --kind transcoder --site "mlp_in.$layer" --target-site "mlp.$layer" \
+        --skip --dict-size 1024 --k 64 --normalize --tokens "$MSE_TOKENS" \
+        "${COMMON[@]/topk/transcoder}" --fp16 --out "$OUT/transcoders"
   done
 fi
 
 # 4. wide: 4096 latents at the residual stream (MSE + AuxK on WIDE_TOKENS, then KL).
 if run wide; then
   # shellcheck disable=SC2046
-  sae-circuits train $(sites resid) --dict-size 4096 --k 32 --normalize \
-    --tokens "$WIDE_TOKENS" "${COMMON[@]}" --out "$RUNS/wide-mse"
+  trained "$RUNS/wide-mse/resid.$((LAYERS - 1))" ||
+    sae-circuits train $(sites resid) --dict-size 4096 --k 32 --normalize \
+      --tokens "$WIDE_TOKENS" "${COMMON[@]}" --out "$RUNS/wide-mse"
   for folder in "$RUNS"/wide-mse/*/; do
     folder=${folder%/}
     site=$(basename "$folder")
-    sae-circuits train --site "$site" --dict-size 4096 --k 32 --loss kl --init "$folder" \
-      --lr 3e-4 --tokens "$KL_TOKENS" "${COMMON[@]}" --warmup-steps 20 --fp16 \
-      --out "$RUNS/wide-kl"
+    trained "$RUNS/wide-kl/$site" ||
+      sae-circuits train --site "$site" --dict-size 4096 --k 32 --loss kl --init "$folder" \
+        --lr 3e-4 --tokens "$KL_TOKENS" "${COMMON[@]}" --warmup-steps 20 --fp16 \
+        --out "$RUNS/wide-kl"
     mkdir -p "$OUT/wide"
     rm -rf "$OUT/wide/$site"
     cp -r "$RUNS/wide-kl/$site" "$OUT/wide/$site"
