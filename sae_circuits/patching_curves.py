@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -183,14 +183,14 @@ def compare_bases(
         test,
         site,
         bases,
-        max_features,
-        ranking,
-        positions,
-        progress,
-        every_k,
-        batch_size,
-        rows_per_trace,
-        remote,
+        max_features=max_features,
+        ranking=ranking,
+        positions=positions,
+        progress=progress,
+        every_k=every_k,
+        batch_size=batch_size,
+        rows_per_trace=rows_per_trace,
+        remote=remote,
     )
 
 
@@ -200,35 +200,14 @@ def patching_curve(
     test: Task,
     site: str | Site,
     dictionary: Dictionary | None = None,
-    max_features: int = 50,
-    ranking: Ranking = "attribution",
-    positions: Positions = "all",
     basis: str = "sae",
-    batch_size: int = 32,
-    rows_per_trace: int = 512,
-    progress: bool = False,
     every_k: bool = True,
-    remote: Remote = False,
+    **options: Any,
 ) -> PatchingCurve:
-    """The curve of one dictionary or basis (default: the dictionary attached at `site`);
-    `remote` as for `compare_bases`."""
-    site = Site.parse(site)
-    bases = {basis: _dictionary_at(model, site, dictionary)}
-    return curves_for_bases(
-        model,
-        train,
-        test,
-        site,
-        bases,
-        max_features,
-        ranking,
-        positions,
-        progress,
-        every_k,
-        batch_size,
-        rows_per_trace,
-        remote,
-    )[basis]
+    """The curve of one dictionary or basis (default: the dictionary attached at `site`) at every
+    k; `options` are those of `curves_for_bases` (`max_features`, `ranking`, `positions`, ...)."""
+    bases = {basis: _dictionary_at(model, Site.parse(site), dictionary)}
+    return curves_for_bases(model, train, test, site, bases, every_k=every_k, **options)[basis]
 
 
 def curves_for_bases(
