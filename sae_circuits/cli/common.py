@@ -260,6 +260,19 @@ def text_batches(args: argparse.Namespace, model: Any) -> Iterator[Any]:
     return token_batches(model.tokenizer, documents, args.ctx_len, args.batch_size, args.tokens)
 
 
+def add_training_data_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the activations a training run reads (train, select): batch, contexts,
+    training text, held-out tokens, checkpoints."""
+    parser.add_argument("--batch-size", type=int, default=1024, help="activations per step")
+    parser.add_argument("--ctx-len", type=int, default=128)
+    parser.add_argument("--n-ctxs", type=int, default=256, help="contexts held in the buffer")
+    parser.add_argument("--text", help=".txt/.jsonl training text (default: the model's corpus)")
+    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for eval")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=500, help="steps between checkpoints"
+    )
+
+
 def load_dictionary_argument(args: argparse.Namespace) -> tuple[Site, Dictionary]:
     """The (site, dictionary) named by --dictionary/--dictionaries and --site (text or a Site)."""
     from sae_circuits.dictionary import Dictionary, load_dictionaries

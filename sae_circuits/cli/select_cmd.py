@@ -12,6 +12,7 @@ from sae_circuits.cli.common import (
     add_json_argument,
     add_model_argument,
     add_spec_options,
+    add_training_data_options,
     model_from_args,
     print_json,
     print_result,
@@ -76,14 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "no stability measure)",
     )
     parser.add_argument("--tokens", type=int, default=1_000_000, help="training activations")
-    parser.add_argument("--batch-size", type=int, default=1024, help="activations per step")
-    parser.add_argument("--ctx-len", type=int, default=128)
-    parser.add_argument("--n-ctxs", type=int, default=256, help="contexts held in the buffer")
-    parser.add_argument("--text", help=".txt/.jsonl training text (default: the model's corpus)")
-    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for eval")
-    parser.add_argument(
-        "--checkpoint-every", type=int, default=500, help="steps between checkpoints"
-    )
+    add_training_data_options(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     add_json_argument(parser)
     add_spec_options(

@@ -14,6 +14,7 @@ from sae_circuits.cli.common import (
     add_json_argument,
     add_model_argument,
     add_spec_options,
+    add_training_data_options,
     model_from_args,
     print_json,
     print_result,
@@ -112,14 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "size) on the activations all processes harvest, instead of every process holding "
         "every dictionary",
     )
-    parser.add_argument("--batch-size", type=int, default=1024, help="activations per step")
-    parser.add_argument("--ctx-len", type=int, default=128)
-    parser.add_argument("--n-ctxs", type=int, default=256, help="contexts held in the buffer")
-    parser.add_argument("--text", help=".txt/.jsonl training text (default: the model's corpus)")
-    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for eval")
-    parser.add_argument(
-        "--checkpoint-every", type=int, default=500, help="steps between checkpoints"
-    )
+    add_training_data_options(parser)
     parser.add_argument(
         "--keep-checkpoint",
         action="store_true",
