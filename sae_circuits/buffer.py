@@ -13,34 +13,49 @@ serves shuffled batches from them, holding one shard in memory at a time.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import nnsight
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sae_circuits.batches import TokenBatch, scored_positions, split_batch, trace_inputs
+from sae_circuits.carried import site_value
 from sae_circuits.errors import UserInputError
 from sae_circuits.progress import progress_bar
 from sae_circuits.protocols import Model
-from sae_circuits.sites import Site, read_site
+from sae_circuits.remote import Remote, request
+from sae_circuits.sites import Site, site_envoy
 
 Batch = dict[str, torch.Tensor]
 
 
 def harvest(
-    model: Model, sites: list[Site], ids: torch.Tensor, mask: torch.Tensor, keep_bos: bool = False
+    model: Model,
+    sites: list[Site],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    keep_bos: bool = False,
+    remote: Remote = False,
 ) -> Batch:
     """Activations `{site label: (n_positions, d)}` of one batch of contexts (`sites` in forward
-    order), real positions only.
+    order), real positions only, of the model without its splices.
 
     One trace reads every site in forward order and stops the forward after the last one.
+    `remote` (True: NDIF, "local": nnsight's simulation of a request) runs it as a request.
     """
     mask = mask.bool()
-    with torch.no_grad(), model.trace(trace_inputs(ids, mask)) as tracer:
-        values = nnsight.save([read_site(model, site) for site in sites])
+    places = [site_envoy(model, site) for site in sites]
+    with (
+        request(model, remote),
+        torch.no_grad(),
+        model.trace(trace_inputs(ids, mask), remote=remote) as tracer,
+    ):
+        values = nnsight.save([site_value(*place) for place in places])
         tracer.stop()
     keep = scored_positions(mask, skip_first=not keep_bos)
     return {str(site): value[keep].float() for site, value in zip(sites, values, strict=True)}
@@ -152,34 +167,100 @@ def write_shards(
     shard_size: int = 65536,
     keep_bos: bool = False,
     progress: bool = True,
+    source: dict[str, Any] | None = None,
+    remote: Remote = False,
 ) -> Path:
-    """Harvest `tokens` activations per site into safetensors shards of `shard_size` rows."""
+    """Harvest `tokens` activations per site into safetensors shards of `shard_size` rows
+    (`remote` as for `harvest`).
+
+    The index (`shards.json`) is rewritten after each shard with where the written rows end in
+    `contexts` (whole context batches, then rows of the next). Called again on the same folder,
+    with the same sites and `source` (a JSON description of where the activations come from:
+    model, text; recorded in the index), a harvest continues where it stopped: the context
+    batches already harvested are skipped without running the model. If the contexts run out
+    first, the rows harvested are written and the index says so (`rows` < `tokens`).
+    """
     if not sites:
         raise UserInputError("write_shards needs at least one site")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     parsed = sorted(Site.parse(s) for s in sites)
-    pending: dict[str, list[torch.Tensor]] = {str(s): [] for s in parsed}
-    shards: list[str] = []
-    written = 0
+    index = _resumed_index(directory, [str(s) for s in parsed], source)
+    pending: dict[str, list[torch.Tensor]] = {site: [] for site in index["sites"]}
+    written = index["rows"]
+    # the rows each harvested batch spans, for the batches not yet entirely written
+    spans: deque[tuple[int, int]] = deque()
+    batches = iter(contexts)
+    for _ in range(index["contexts"]):
+        if next(batches, None) is None:
+            raise UserInputError(
+                f"the contexts are shorter than the harvest in {directory} being continued"
+            )
+    end = written - index["skip"]
     with progress_bar("harvesting", tokens, enabled=progress) as bar:
-        for batch in contexts:
-            for key, value in harvest(model, parsed, *split_batch(batch), keep_bos).items():
-                pending[key].append(value)
-            rows = sum(v.shape[0] for v in next(iter(pending.values())))
-            while rows >= shard_size or (rows and written + rows >= tokens):
-                take = min(shard_size, rows, tokens - written)
-                shards.append(_write_shard(directory, len(shards), pending, take))
-                written += take
+        bar.update(0, completed=min(written, tokens))
+        for batch in batches if written < tokens else ():
+            harvested = harvest(model, parsed, *split_batch(batch), keep_bos, remote)
+            rows = next(iter(harvested.values())).shape[0]
+            spans.append((end, end + rows))
+            cut = max(0, written - end)  # rows written before (a continued harvest's first batch)
+            end += rows
+            for key, value in harvested.items():
+                pending[key].append(value[cut:])
+            while end - written >= shard_size or (end > written and end >= tokens):
+                written = _flush(directory, index, pending, min(shard_size, tokens - written))
+                _advance(directory, index, spans, written)
                 bar.update(0, completed=written)
-                rows -= take
                 if written >= tokens:
                     break
             if written >= tokens:
                 break
-    index = {"sites": list(pending), "shards": shards, "rows": written}
-    (directory / SHARD_INDEX).write_text(json.dumps(index, indent=2))
+        if (
+            written < tokens and end > written
+        ):  # the contexts ran out: the rest makes a last, smaller shard
+            written = _flush(directory, index, pending, end - written)
+            _advance(directory, index, spans, written)
+    index["complete"] = True
+    _write_index(directory, index)
     return directory
+
+
+def _resumed_index(directory: Path, sites: list[str], source: dict[str, Any] | None) -> dict:
+    """The index of an unfinished (or shorter) harvest in `directory` of the same sites and
+    source, or a fresh one."""
+    path = directory / SHARD_INDEX
+    fresh = {"sites": sites, "source": source, "shards": [], "rows": 0, "contexts": 0, "skip": 0}
+    if not path.is_file():
+        return {**fresh, "complete": False}
+    index = json.loads(path.read_text())
+    if index.get("sites") != sites or index.get("source") != source:
+        raise UserInputError(
+            f"{directory} holds a harvest of other sites or from another source "
+            f"({', '.join(index.get('sites', []))}); use another folder"
+        )
+    return {**fresh, **index, "complete": False}
+
+
+def _flush(directory: Path, index: dict, pending: dict[str, list[torch.Tensor]], rows: int) -> int:
+    """Write the next shard of `rows` pending rows; returns the rows written so far."""
+    index["shards"].append(_write_shard(directory, len(index["shards"]), pending, rows))
+    index["rows"] += rows
+    return index["rows"]
+
+
+def _advance(directory: Path, index: dict, spans: deque[tuple[int, int]], written: int) -> None:
+    """Record in the index where `written` rows end in the contexts, and rewrite it."""
+    while spans and spans[0][1] <= written:
+        spans.popleft()
+        index["contexts"] += 1
+    index["skip"] = written - spans[0][0] if spans else 0
+    _write_index(directory, index)
+
+
+def _write_index(directory: Path, index: dict) -> None:
+    tmp = directory / (SHARD_INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2))
+    tmp.replace(directory / SHARD_INDEX)
 
 
 def _write_shard(
@@ -197,20 +278,44 @@ def _write_shard(
     return name
 
 
+def read_shard_index(directory: str | Path) -> dict[str, Any]:
+    """The index of a finished harvest in `directory` (sites, shards, rows, source)."""
+    path = Path(directory) / SHARD_INDEX
+    if not path.is_file():
+        raise UserInputError(f"{directory} holds no activation shards ({SHARD_INDEX})")
+    index = json.loads(path.read_text())
+    if not index.get("complete", True):
+        raise UserInputError(
+            f"the harvest in {directory} did not finish: run it again to continue it"
+        )
+    return index
+
+
 class ShardStream:
     """Shuffled batches `{site: (batch, d)}` from shards written by `write_shards`, for `epochs`
-    passes (shards in a seeded random order, rows shuffled within each shard)."""
+    passes (shards in a seeded random order, rows shuffled within each shard).
+
+    With `world` > 1 (one stream per process of a distributed run), each global batch of
+    `batch_size` rows is the same as for one process, and this stream serves rank `rank`'s
+    `batch_size / world` of its rows.
+    """
 
     def __init__(
-        self, directory: str | Path, batch_size: int = 1024, epochs: int = 1, seed: int = 0
+        self,
+        directory: str | Path,
+        batch_size: int = 1024,
+        epochs: int = 1,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.directory = Path(directory)
-        index_path = self.directory / SHARD_INDEX
-        if not index_path.is_file():
-            raise UserInputError(f"{self.directory} holds no activation shards ({SHARD_INDEX})")
-        index = json.loads(index_path.read_text())
-        self.sites: list[str] = index["sites"]
-        self.shards: list[str] = index["shards"]
+        self.index = read_shard_index(self.directory)
+        self.sites: list[str] = self.index["sites"]
+        self.shards: list[str] = self.index["shards"]
+        if batch_size % world:
+            raise UserInputError(f"batch size {batch_size} does not split over {world} processes")
+        self.share = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
         self.batch_size = batch_size
         self.epochs = epochs
         self.seed = seed
@@ -224,7 +329,7 @@ class ShardStream:
                 rows = next(iter(data.values())).shape[0]
                 order = torch.randperm(rows, generator=generator)
                 for start in range(0, rows - self.batch_size + 1, self.batch_size):
-                    chosen = order[start : start + self.batch_size]
+                    chosen = order[start : start + self.batch_size][self.share]
                     yield {site: data[site][chosen] for site in self.sites}
 
     def __iter__(self) -> Iterator[Batch]:
@@ -232,6 +337,14 @@ class ShardStream:
             if number >= self.position:
                 self.position = number + 1
                 yield batch
+
+    def __len__(self) -> int:
+        """Batches served in all (the rest of each shard, under a batch, is left out)."""
+        per_epoch = 0
+        for shard in self.shards:
+            with safe_open(str(self.directory / shard), "pt") as f:
+                per_epoch += f.get_slice(self.sites[0]).get_shape()[0] // self.batch_size
+        return self.epochs * per_epoch
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position}

@@ -5,26 +5,27 @@ Every dictionary maps an activation `x` (last dimension `d_in`) to features `f` 
 `decoder_directions` is the direction `d_i` that feature `i` writes (the patching formula uses it).
 
 On disk a dictionary is a folder with `config.json` and `weights.safetensors`. `Dictionary.load`
-also reads two published formats: `ae.pt` + `config.json` (a state dict with `encoder.weight`,
-`encoder.bias`, `decoder.weight`, `bias`) and `cfg.json` + `sae_weights.safetensors`
-(`W_enc`, `b_enc`, `W_dec`, `b_dec`).
+also reads the formats of other libraries, and `Dictionary.save(..., format=...)` writes some of
+them (`sae_circuits.formats`).
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sae_circuits.errors import UserInputError
+from sae_circuits.files import (
+    read_json,
+    read_safetensors,
+    save_safetensors_atomic,
+    write_json_atomic,
+)
 from sae_circuits.resources import asset_dir
 from sae_circuits.sites import Site, SiteMap
 from sae_circuits.sparse_codes import (
@@ -150,11 +151,6 @@ class Dictionary(nn.Module):
     """
 
     kind: ClassVar[str] = ""
-    trainable: ClassVar[bool] = False  # `train_dictionaries` can train it
-    # the sparsity penalties it trains with, the default first: "l1", "entropy" (of f / Σf), "l0"
-    # (a straight-through L0), or "topk" (no penalty: `config.k` features per input)
-    sparsities: ClassVar[tuple[str, ...]] = ()
-    decoder_bias: ClassVar[str | None] = None  # the parameter added to every reconstruction
     learning_rate_scales: ClassVar[
         dict[str, float]
     ] = {}  # parameters trained at a multiple of the LR
@@ -243,16 +239,25 @@ class Dictionary(nn.Module):
         raise NotImplementedError(f"{self.kind} dictionaries have no orthogonal initialisation")
 
     # ----------------------------------------------------------------------------- persistence
-    def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write `config.json` and `weights.safetensors` (optionally stored in `dtype`, e.g. fp16)."""
+    def save(
+        self, directory: str | Path, dtype: torch.dtype | None = None, format: str = "native"
+    ) -> Path:
+        """Write `config.json` and `weights.safetensors` (optionally stored in `dtype`, e.g. fp16),
+        or with `format` another library's files (`sae_circuits.formats`: "saelens", "sparsify")."""
         directory = Path(directory)
+        if format != "native":
+            from sae_circuits.formats import write_dictionary
+
+            if dtype is not None:
+                raise UserInputError(f"the {format} writer stores float32; give no dtype")
+            return write_dictionary(self, directory, format)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {
             name: (t.detach().to(dtype) if dtype is not None else t.detach()).cpu().contiguous()
             for name, t in self.state_dict().items()
         }
-        save_file(tensors, str(directory / WEIGHTS_FILE))
-        _write_json_atomic(directory / CONFIG_FILE, self.config.to_dict())
+        save_safetensors_atomic(tensors, directory / WEIGHTS_FILE)
+        write_json_atomic(directory / CONFIG_FILE, self.config.to_dict())
         return directory
 
     @classmethod
@@ -264,24 +269,26 @@ class Dictionary(nn.Module):
         return Dictionary.registry[config.kind](config)
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> Dictionary:
-        """Load a dictionary folder in our format or one of the two published formats."""
+    def load(
+        cls,
+        directory: str | Path,
+        device: str | torch.device = "cpu",
+        site: str | Site | None = None,
+    ) -> Dictionary:
+        """Load a dictionary folder in our format or another library's (`sae_circuits.formats`).
+
+        `site`, for another library's files, is the site the dictionary is spliced at, replacing
+        the one the file names (needed where that name maps to none of our sites).
+        """
         directory = Path(directory)
-        if not directory.is_dir():
-            raise UserInputError(f"dictionary folder not found: {directory}")
         if (directory / WEIGHTS_FILE).is_file() and (directory / CONFIG_FILE).is_file():
-            config = DictionaryConfig.from_dict(_read_json(directory / CONFIG_FILE))
+            config = DictionaryConfig.from_dict(read_json(directory / CONFIG_FILE))
             dictionary = cls.from_config(config)
-            load_weights(dictionary, _read_safetensors(directory / WEIGHTS_FILE), directory)
-        elif (directory / "ae.pt").is_file():
-            dictionary = _load_dictionary_learning(directory)
-        elif (directory / "sae_weights.safetensors").is_file():
-            dictionary = _load_saelens(directory)
+            load_weights(dictionary, read_safetensors(directory / WEIGHTS_FILE), directory)
         else:
-            raise UserInputError(
-                f"{directory} holds no dictionary: expected {CONFIG_FILE} + {WEIGHTS_FILE}, "
-                "ae.pt + config.json, or cfg.json + sae_weights.safetensors"
-            )
+            from sae_circuits.formats import read_dictionary
+
+            dictionary = read_dictionary(directory, site)
         return dictionary.to(device)
 
 
@@ -290,8 +297,6 @@ class TiedDictionary(Dictionary):
     """Cunningham et al.: `x_hat = Wᵀ ReLU(W x + b)`; one weight matrix, encoder bias only."""
 
     kind = "tied"
-    trainable = True
-    sparsities = ("l1", "entropy")
 
     def __init__(self, config: DictionaryConfig) -> None:
         super().__init__(config)
@@ -329,9 +334,6 @@ class UntiedDictionary(Dictionary):
     """Anthropic: `f = ReLU(W_e (x − b_d) + b_e)`, `x_hat = W_d f + b_d`, unit-norm decoder rows."""
 
     kind = "untied"
-    trainable = True
-    sparsities = ("l1", "entropy")
-    decoder_bias = "b_dec"
 
     def __init__(self, config: DictionaryConfig) -> None:
         super().__init__(config)
@@ -413,7 +415,6 @@ class TopKDictionary(UntiedDictionary):
     """
 
     kind = "topk"
-    sparsities = ("topk",)
 
     def __init__(self, config: DictionaryConfig) -> None:
         if not config.k or config.k < 1:
@@ -512,6 +513,27 @@ class BatchTopKDictionary(TopKDictionary):
             self.threshold.div_(scale)
 
 
+class GroupMaxDictionary(UntiedDictionary):
+    """sparsify's `groupmax` activation: the latents form `k` equal, contiguous groups and each
+    keeps only its largest ReLU pre-activation. Read from sparsify files; not trained here."""
+
+    kind = "groupmax"
+
+    def __init__(self, config: DictionaryConfig) -> None:
+        if not config.k or config.k < 1 or config.d_dict % config.k:
+            raise UserInputError(
+                f"a groupmax dictionary needs k >= 1 dividing its {config.d_dict} latents "
+                f"(k={config.k})"
+            )
+        super().__init__(config)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = torch.relu(self.pre_activations(x))
+        values, indices = pre.unflatten(-1, (self.config.k, -1)).max(dim=-1)
+        group_starts = torch.arange(0, self.d_dict, self.d_dict // self.config.k, device=pre.device)
+        return torch.zeros_like(pre).scatter(-1, indices + group_starts, values)
+
+
 class _ThresholdFunction(torch.autograd.Function):
     """A function of pre-activations `z` and per-latent thresholds θ whose pseudo-derivative in θ
     uses the rectangle kernel window K((z − θ)/ε), K(u) = 1{|u| < 1/2} (Rajamanoharan et al.)."""
@@ -566,7 +588,6 @@ class JumpReLUDictionary(UntiedDictionary):
     penalty."""
 
     kind = "jumprelu"
-    sparsities = ("l0",)
     initial_threshold: ClassVar[float] = 1e-3
     bandwidth: ClassVar[float] = 1e-3
     # Adam moves a threshold by about the LR per step: at 1e-3 it could not reach the thresholds
@@ -619,7 +640,6 @@ class Transcoder(UntiedDictionary):
     """
 
     kind = "transcoder"
-    sparsities = ("l1", "topk")
 
     def __init__(self, config: DictionaryConfig) -> None:
         if config.in_site is None or config.out_site is None:
@@ -656,6 +676,66 @@ class Transcoder(UntiedDictionary):
         """Divides every bias by `scale` (input and output both scaled by it)."""
         super().fold_activation_scale(scale)
         self.b_in.div_(scale)
+
+
+# --------------------------------------------------- kinds read from other libraries' files
+class GatedDictionary(UntiedDictionary):
+    """Gated SAE (Rajamanoharan et al. 2024) as SAELens computes it: the gate `(x − b_dec) W_enc +
+    b_enc > 0` (`b_enc` is the gate bias) picks the active latents, whose values are
+    `ReLU((x − b_dec) (W_enc · exp(r_mag)) + b_mag)`. Read from other libraries; not trained here."""
+
+    kind = "gated"
+
+    def __init__(self, config: DictionaryConfig) -> None:
+        super().__init__(config)
+        self.r_mag = nn.Parameter(torch.zeros(config.d_dict))
+        self.b_mag = nn.Parameter(torch.zeros(config.d_dict))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        centered = self.centered(x)
+        gate = centered @ self.W_enc + self.b_enc > 0
+        return torch.relu(centered @ (self.W_enc * self.r_mag.exp()) + self.b_mag) * gate
+
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float) -> None:
+        """Divides the gate, magnitude and decoder biases by `scale`."""
+        super().fold_activation_scale(scale)
+        self.b_mag.div_(scale)
+
+
+class AbsTopKDictionary(TopKDictionary):
+    """SAELens' AbsTopK: keeps the `k` pre-activations largest in absolute value, with their signs
+    (no ReLU), so a feature fires in either direction. Read from SAELens files; not trained here."""
+
+    kind = "abstopk"
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_activations(x)
+        top = pre.abs().topk(min(self.config.k, self.d_dict), dim=-1).indices
+        return torch.zeros_like(pre).scatter(-1, top, pre.gather(-1, top))
+
+
+class JumpReLUTranscoder(Transcoder):
+    """A transcoder with JumpReLU latents, `f = z · H(z − θ)` (as the `jumprelu` kind), and
+    optionally a skip connection (`config.skip`). Read from SAELens files; not trained here."""
+
+    kind = "jumprelu_transcoder"
+
+    def __init__(self, config: DictionaryConfig) -> None:
+        if config.k:
+            raise UserInputError("a jumprelu_transcoder has thresholds, not k")
+        super().__init__(config)
+        self.threshold = nn.Parameter(torch.zeros(config.d_dict))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_activations(x)
+        return pre * (pre > self.threshold)
+
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float) -> None:
+        """Divides every bias and the thresholds by `scale`."""
+        super().fold_activation_scale(scale)
+        self.threshold.div_(scale)
 
 
 # ----------------------------------------------------------------------------- baseline bases
@@ -760,28 +840,6 @@ def _unit_rows(weight: torch.Tensor) -> torch.Tensor:
     return weight / weight.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserInputError(
-            f"{path} is not valid JSON ({error.msg} at line {error.lineno})"
-        ) from None
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise UserInputError(f"cannot read {path}: {error}") from None
-
-
 def load_weights(
     dictionary: Dictionary,
     state: dict[str, torch.Tensor],
@@ -806,106 +864,19 @@ def load_weights(
     dictionary.load_state_dict({name: t.float() for name, t in state.items()}, strict=not subset)
 
 
-# Site names used by the published formats, mapped onto our grammar.
-_FOREIGN_SITE_PATTERNS = (
-    (re.compile(r"blocks\.(\d+)\.hook_resid_post"), "resid.{}"),
-    (re.compile(r"blocks\.(\d+)\.hook_mlp_out"), "mlp.{}"),
-    (re.compile(r"blocks\.(\d+)\.hook_attn_out"), "attn.{}"),
-    (re.compile(r"blocks\.(\d+)\.mlp\.hook_post"), "mlp_hidden.{}"),
-    (re.compile(r"resid(?:_post)?_layer_?(\d+)"), "resid.{}"),
-    (re.compile(r"mlp(?:_out)?_layer_?(\d+)"), "mlp.{}"),
-    (re.compile(r"attn(?:_out)?_layer_?(\d+)"), "attn.{}"),
-    (re.compile(r"^hook_embed$|^embed$"), "embed"),
-)
-
-
-def foreign_site_name(name: str | None) -> str | None:
-    """Translate a site named in another library's convention to ours, or None if unknown."""
-    if not name:
-        return None
-    for pattern, template in _FOREIGN_SITE_PATTERNS:
-        match = pattern.search(name)
-        if match:
-            return template.format(*match.groups())
-    return None
-
-
-def _load_dictionary_learning(directory: Path) -> Dictionary:
-    """`ae.pt` (AutoEncoder state dict) + `config.json` as written by the dictionary_learning library."""
-    state = torch.load(directory / "ae.pt", map_location="cpu", weights_only=True)
-    needed = {"encoder.weight", "encoder.bias", "decoder.weight", "bias"}
-    if not isinstance(state, dict) or not needed <= set(state):
-        found = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise UserInputError(f"{directory}/ae.pt lacks {sorted(needed)} (found {found})")
-    raw = _read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
-    trainer = raw.get("trainer", {})
-    d_dict, d_in = state["encoder.weight"].shape
-    if state["decoder.weight"].shape != (d_in, d_dict) or state["bias"].shape != (d_in,):
-        raise UserInputError(f"{directory}/ae.pt: encoder and decoder shapes disagree")
-    config = DictionaryConfig(
-        kind="untied",
-        d_in=d_in,
-        d_dict=d_dict,
-        site=foreign_site_name(trainer.get("submodule_name")),
-        model=trainer.get("lm_name"),
-        hyperparameters={"source_format": "dictionary_learning", **trainer},
-    )
-    dictionary = UntiedDictionary(config)
-    with torch.no_grad():
-        dictionary.W_enc.copy_(state["encoder.weight"].T)
-        dictionary.b_enc.copy_(state["encoder.bias"])
-        dictionary.W_dec.copy_(state["decoder.weight"].T)
-        dictionary.b_dec.copy_(state["bias"])
-    return dictionary
-
-
-def _load_saelens(directory: Path) -> Dictionary:
-    """`cfg.json` + `sae_weights.safetensors` (`W_enc`, `b_enc`, `W_dec`, `b_dec`) as SAELens writes."""
-    state = _read_safetensors(directory / "sae_weights.safetensors")
-    needed = {"W_enc", "b_enc", "W_dec", "b_dec"}
-    if not needed <= set(state):
-        raise UserInputError(
-            f"{directory}/sae_weights.safetensors lacks {sorted(needed - set(state))}"
-        )
-    raw = _read_json(directory / "cfg.json") if (directory / "cfg.json").is_file() else {}
-    architecture = raw.get("architecture", "standard")
-    d_in, d_dict = state["W_enc"].shape
-    if state["W_dec"].shape != (d_dict, d_in):
-        raise UserInputError(f"{directory}: W_enc and W_dec shapes disagree")
-    kind = {"standard": "untied", "topk": "topk"}.get(architecture)
-    if kind is None:
-        raise UserInputError(f"{directory}: SAE architecture {architecture!r} is not supported")
-    if not raw.get("apply_b_dec_to_input", True):
-        raise UserInputError(f"{directory}: apply_b_dec_to_input=false is not supported")
-    k = (raw.get("activation_fn_kwargs") or {}).get("k") if kind == "topk" else None
-    config = DictionaryConfig(
-        kind=kind,
-        d_in=d_in,
-        d_dict=d_dict,
-        k=k,
-        site=foreign_site_name(raw.get("hook_name")),
-        model=raw.get("model_name"),
-        hyperparameters={"source_format": "saelens", **raw},
-    )
-    dictionary = Dictionary.from_config(config)
-    with torch.no_grad():
-        dictionary.W_enc.copy_(state["W_enc"])
-        dictionary.b_enc.copy_(state["b_enc"])
-        dictionary.W_dec.copy_(state["W_dec"])
-        dictionary.b_dec.copy_(state["b_dec"])
-    return dictionary
-
-
 __all__ = [
+    "AbsTopKDictionary",
     "Dictionary",
     "DictionaryConfig",
+    "GatedDictionary",
+    "GroupMaxDictionary",
+    "JumpReLUTranscoder",
     "LatentSlot",
     "LinearBasis",
     "TiedDictionary",
     "TopKDictionary",
     "Transcoder",
     "UntiedDictionary",
-    "foreign_site_name",
     "load_dictionaries",
     "load_weights",
     "shipped_sets",

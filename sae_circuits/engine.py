@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from sae_circuits.batches import split_batch, trace_inputs
+from sae_circuits.carried import per_copy, where_per_copy
 from sae_circuits.errors import UserInputError
 from sae_circuits.protocols import Model
+from sae_circuits.remote import Remote, portable_metric, request, vocabulary_size
 from sae_circuits.sites import Site, torch_module
 from sae_circuits.splice import spliced
 
@@ -176,13 +178,15 @@ def pair_tokens(
 # ------------------------------------------------------------------------------------ runs
 @dataclass
 class Values:
-    """Features `(B, T, F)` and error terms `(B, T, D)` by site, last-position logits `(B, V)` and,
-    when a metric was given, the per-prompt metric `(B,)`."""
+    """Features `(B, T, F)` and error terms `(B, T, D)` by site, last-position logits `(B, V)` (or
+    all `(B, T, V)`, when asked), when a metric was given the per-prompt metric `(B,)` and, when
+    asked, the sites' activations `(B, T, D)` (their values before the splice)."""
 
     features: dict[Site, torch.Tensor] = field(default_factory=dict)
     errors: dict[Site, torch.Tensor] = field(default_factory=dict)
     logits: torch.Tensor | None = None
     metric: torch.Tensor | None = None
+    activations: dict[Site, torch.Tensor] = field(default_factory=dict)
 
 
 def read(
@@ -190,22 +194,77 @@ def read(
     tokens: Tokens,
     sites: Sequence[Site],
     metric: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    remote: Remote = False,
+    all_logits: bool = False,
+    activations: bool = False,
+    stop: bool = False,
 ) -> Values:
     """One unedited run: features and error terms at `sites` (in forward order), the last-position
-    logits and, given `metric` (a function of the `(B, T, V)` logits), the per-prompt metric."""
+    logits (all of them with `all_logits`), given `metric` (a function of the `(B, T, V)` logits)
+    the per-prompt metric and, with `activations`, the sites' activations. `stop` ends the forward
+    after the last site (no logits, no metric). `remote` (True: NDIF, "local": nnsight's
+    simulation) runs it as a request that carries the dictionaries (`sae_circuits.remote`)."""
     sites = sorted(sites)
     hooks = [spliced(model, site) for site in sites]
-    with torch.no_grad(), model.trace(tokens.inputs()):
-        saved = nnsight.save([(hook.features.output, hook.error.output) for hook in hooks])
+    if remote:
+        return _read_remote(model, tokens, sites, metric, remote, all_logits, activations, stop)
+    values = kept = None
+    with torch.no_grad(), model.trace(tokens.inputs()) as tracer:
+        saved = []
+        for hook in hooks:
+            x = hook.inputs[0][0] if activations else None  # the splice is called with (x, x_in)
+            saved.append((hook.features.output, hook.error.output, x))
+        saved = nnsight.save(saved)
+        if stop:
+            tracer.stop()
         logits = model.output.logits
         values = nnsight.save(None if metric is None else metric(logits).float())
-        last = logits[:, -1].save()
+        kept = (logits if all_logits else logits[:, -1]).save()
+    return _values(sites, saved, kept, values)
+
+
+def _values(sites: Sequence[Site], saved: list, logits: torch.Tensor, metric: Any) -> Values:
+    """`Values` from the (features, error, activation or None) read at each site."""
     return Values(
-        {site: f for site, (f, _) in zip(sites, saved, strict=True)},
-        {site: e for site, (_, e) in zip(sites, saved, strict=True)},
-        last,
-        values,
+        {site: f for site, (f, _, _) in zip(sites, saved, strict=True)},
+        {site: e for site, (_, e, _) in zip(sites, saved, strict=True)},
+        logits,
+        metric,
+        {site: x for site, (_, _, x) in zip(sites, saved, strict=True) if x is not None},
     )
+
+
+def _read_remote(
+    model: Model,
+    tokens: Tokens,
+    sites: Sequence[Site],
+    metric: Callable[[torch.Tensor], torch.Tensor] | None,
+    remote: Remote,
+    all_logits: bool,
+    activations: bool,
+    stop: bool,
+) -> Values:
+    score = portable_metric(metric, (len(tokens), tokens.length, vocabulary_size(model)))
+    keep_logits = all_logits or (metric is not None and score is None)
+    values = kept = None
+    with request(model, remote) as carried:
+        wanted = [list(carried).index(site) for site in sites]
+        order = list(carried.values())[: max(wanted, default=-1) + 1 if stop else None]
+        with torch.no_grad(), model.trace(tokens.inputs(), remote=remote) as tracer:
+            seen = [site.apply() for site in order]
+            saved = nnsight.save(
+                [(*seen[i][:2], seen[i][2] if activations else None) for i in wanted]
+            )
+            if stop:
+                tracer.stop()
+            logits = model.output.logits
+            values = nnsight.save(None if score is None else score(logits).float())
+            kept = (logits if keep_logits else logits[:, -1]).save()
+    if kept is not None and metric is not None and score is None:
+        values = metric(kept).float()
+    if kept is not None and keep_logits and not all_logits:
+        kept = kept[:, -1]
+    return _values(sites, saved, kept, values)
 
 
 @dataclass(frozen=True)
@@ -231,46 +290,81 @@ def edited(
     tokens: Tokens,
     copies: Sequence[Edits],
     metric: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    remote: Remote = False,
+    all_logits: bool = False,
 ) -> Values:
     """One forward of `len(copies)` copies of the batch, copy c with the edits `copies[c]`.
 
-    Returns last-position logits `(len(copies), B, V)` and, given `metric` (a function of one
-    copy's `(B, T, V)` logits), the metric `(len(copies), B)`.
+    Returns last-position logits `(len(copies), B, V)` (all of them, `(len(copies), B, T, V)`,
+    with `all_logits`) and, given `metric` (a function of one copy's `(B, T, V)` logits), the
+    metric `(len(copies), B)`. `remote` as for `read`.
     """
     k, n = len(copies), len(tokens)
     sites = sorted({site for edits in copies for site in edits})
     hooks = {site: spliced(model, site) for site in sites}
+    plan = {
+        site: tuple(_edits_of(copies, site, part) for part in ("features", "error"))
+        for site in sites
+    }
+    if remote:
+        return _edited_remote(model, tokens, plan, k, metric, remote, all_logits)
     with torch.no_grad(), model.trace(tokens.repeat(k).inputs()):
         for site in sites:
             hook = hooks[site]
-            here = [edits.get(site) for edits in copies]
-            if any(e is not None and e.features_mask is not None for e in here):
-                hook.features.output = _where_per_copy(hook.features.output, here, "features", n)
-            if any(e is not None and e.error_mask is not None for e in here):
-                hook.error.output = _where_per_copy(hook.error.output, here, "error", n)
+            features, error = plan[site]
+            if features is not None:
+                hook.features.output = where_per_copy(hook.features.output, features, n)
+            if error is not None:
+                hook.error.output = where_per_copy(hook.error.output, error, n)
         logits = model.output.logits
         metrics = nnsight.save(
             None
             if metric is None
             else torch.stack([metric(part).float() for part in logits.chunk(k)])
         )
-        last = logits[:, -1].save()
-    return Values(logits=last.view(k, n, -1), metric=metrics)
+        kept = (logits if all_logits else logits[:, -1]).save()
+    return Values(logits=kept.view(k, n, *kept.shape[1:]), metric=metrics)
 
 
-def _where_per_copy(
-    value: torch.Tensor, edits: Sequence[SiteEdit | None], part: str, n: int
-) -> torch.Tensor:
-    chunks = []
-    for c, edit in enumerate(edits):
-        chunk = value[c * n : (c + 1) * n]
+def _edits_of(copies: Sequence[Edits], site: Site, part: str) -> list | None:
+    """Per copy, the (mask, value) of `part` ("features" or "error") at `site`, or None when no
+    copy edits it."""
+    pairs = []
+    for edits in copies:
+        edit = edits.get(site)
         mask = None if edit is None else getattr(edit, f"{part}_mask")
-        if mask is not None:
-            new = getattr(edit, f"{part}_value")
-            new = new.to(chunk.device) if isinstance(new, torch.Tensor) else new
-            chunk = torch.where(mask.to(chunk.device), new, chunk)
-        chunks.append(chunk)
-    return torch.cat(chunks)
+        pairs.append(None if mask is None else (mask, getattr(edit, f"{part}_value")))
+    return pairs if any(pair is not None for pair in pairs) else None
+
+
+def _edited_remote(
+    model: Model,
+    tokens: Tokens,
+    plan: Mapping[Site, tuple[list | None, list | None]],
+    k: int,
+    metric: Callable[[torch.Tensor], torch.Tensor] | None,
+    remote: Remote,
+    all_logits: bool,
+) -> Values:
+    n = len(tokens)
+    score = portable_metric(metric, (n, tokens.length, vocabulary_size(model)))
+    keep_logits = all_logits or (metric is not None and score is None)
+    with request(model, remote) as carried:
+        order = [(carried[site], *plan.get(site, (None, None))) for site in carried]
+        with torch.no_grad(), model.trace(tokens.repeat(k).inputs(), remote=remote):
+            for site, features, error in order:
+                site.apply(per_copy(features, n), per_copy(error, n))
+            logits = model.output.logits
+            metrics = nnsight.save(
+                None
+                if score is None
+                else torch.stack([score(part).float() for part in logits.chunk(k)])
+            )
+            kept = (logits if keep_logits else logits[:, -1]).save()
+    if metric is not None and score is None:
+        metrics = torch.stack([metric(part).float() for part in kept.chunk(k)])
+    kept = kept if all_logits or not keep_logits else kept[:, -1]
+    return Values(logits=kept.view(k, n, *kept.shape[1:]), metric=metrics)
 
 
 # ----------------------------------------------------------------------------------- means

@@ -25,42 +25,31 @@ every run), in the order of `METRIC_KEYS`:
   positions.
 
 Besides these, the result holds `ce_clean`, `ce_spliced`, `ce_zero`, `ce_mean` and `tokens` (the
-number of evaluated positions).
+number of evaluated positions), and when asked (`worst=N`) the N next-token predictions whose CE
+rises the most with the site spliced in (`worst`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 
+from sae_circuits import engine
 from sae_circuits.batches import TokenBatch, scored_positions, split_batch, trace_inputs
 from sae_circuits.buffer import harvest
+from sae_circuits.constants import DENSE_FREQUENCY, METRIC_KEYS
 from sae_circuits.dictionary import Dictionary
+from sae_circuits.engine import SiteEdit, Tokens
 from sae_circuits.progress import progress_bar
 from sae_circuits.protocols import Model
+from sae_circuits.remote import Remote
 from sae_circuits.sites import Site, SiteMap
 from sae_circuits.splice import spliced, temporarily_attached
-
-METRIC_KEYS = (
-    "ce_delta",
-    "kl",
-    "l0",
-    "loss_recovered_mean",
-    "loss_recovered",
-    "nmse",
-    "fve",
-    "mse",
-    "cosine",
-    "l1",
-    "frac_alive",
-    "frac_dead",
-    "frac_dense",
-)
-DENSE_FREQUENCY = 0.1
 
 
 class _CleanTokens:
@@ -70,7 +59,8 @@ class _CleanTokens:
         self.pair_mask = (mask[:, :-1] & mask[:, 1:]).reshape(-1)
         self.targets = ids[:, 1:].reshape(-1)[self.pair_mask]
         self.log_probs = self.log_probs_of(logits)
-        self.ce = F.nll_loss(self.log_probs, self.targets, reduction="sum").item()
+        self.token_ce = F.nll_loss(self.log_probs, self.targets, reduction="none")
+        self.ce = self.token_ce.sum().item()
 
     def log_probs_of(self, logits: torch.Tensor) -> torch.Tensor:
         """Float64 log-probabilities of `(batch, ctx, vocab)` logits at the real pairs."""
@@ -113,18 +103,21 @@ class _SiteTotals:
         self.cosine += F.cosine_similarity(x, x_hat, dim=-1).sum().item()
         self.fires += active.sum(0)
 
-    def add_losses(self, clean: _CleanTokens, logits: Mapping[str, torch.Tensor]) -> None:
+    def add_losses(self, clean: _CleanTokens, logits: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Accumulate next-token CE of the spliced and ablated runs (`logits` by run name) beside
-        the clean one and KL(clean ‖ spliced), over the real (non-pad) next-token pairs."""
+        the clean one and KL(clean ‖ spliced), over the real (non-pad) next-token pairs; return
+        the spliced run's CE per pair."""
         self.ce["clean"] += clean.ce
-        log_probs = {}
+        log_probs, token_ce = {}, {}
         for name, run_logits in logits.items():
             log_probs[name] = clean.log_probs_of(run_logits)
-            self.ce[name] += F.nll_loss(log_probs[name], clean.targets, reduction="sum").item()
+            token_ce[name] = F.nll_loss(log_probs[name], clean.targets, reduction="none")
+            self.ce[name] += token_ce[name].sum().item()
         self.kl += F.kl_div(
             log_probs["spliced"], clean.log_probs, log_target=True, reduction="sum"
         ).item()
         self.ce_tokens += clean.targets.numel()
+        return token_ce["spliced"]
 
     def metrics(self) -> dict[str, float]:
         n = max(self.positions, 1)
@@ -165,6 +158,8 @@ def evaluate(
     skip_first: bool = True,
     progress: bool = True,
     means: Mapping[str | Site, torch.Tensor] | None = None,
+    worst: int = 0,
+    remote: Remote = False,
 ) -> SiteMap:
     """Metrics (see module docstring) for each dictionary: a `SiteMap` of metric dicts.
 
@@ -173,10 +168,14 @@ def evaluate(
     list. `means` (by site, from `mean_activations` over the same batches) skips the first pass,
     e.g. when several dictionaries of one site are evaluated one after the other. The dictionaries
     are attached for the evaluation and the model's previous splices restored afterwards.
+    `worst` > 0 adds `"worst"` to each site's metrics: the `worst` next-token predictions whose CE
+    rises the most when the site is spliced in (`WorstTokens.rows`). `remote` (True: NDIF,
+    "local": nnsight's simulation) runs every trace as a request that carries the dictionaries.
     """
     dictionaries = SiteMap(dictionaries)
     batches = list(batches)
     totals = {site: _SiteTotals(dictionary.d_dict) for site, dictionary in dictionaries.items()}
+    worst_tokens = {site: WorstTokens(worst) for site in dictionaries}
     passes = 1 if means is not None else 2
     with (
         temporarily_attached(model, dictionaries),
@@ -184,18 +183,18 @@ def evaluate(
         progress_bar("evaluating", passes * len(batches), enabled=progress) as bar,
     ):
         if means is None:
-            means = mean_activations(model, list(dictionaries), batches, skip_first, bar)
+            means = mean_activations(model, list(dictionaries), batches, skip_first, bar, remote)
         means = SiteMap(means)
-        for batch in batches:
+        for index, batch in enumerate(batches):
             ids, mask = split_batch(batch)
             scored = scored_positions(mask, skip_first)
             inputs = trace_inputs(ids, mask)
-            clean_logits, reads = _clean_run(model, dictionaries, inputs)
+            clean_logits, reads = _clean_run(model, dictionaries, ids, mask, remote)
             clean = _CleanTokens(clean_logits, ids, mask)
             for site, dictionary in dictionaries.items():
                 features, error, skip = reads[site]
                 ablations = {"zero": torch.zeros_like(means[site]), "mean": means[site]}
-                _evaluate_site(
+                spliced_ce = _evaluate_site(
                     model,
                     site,
                     dictionary,
@@ -207,9 +206,84 @@ def evaluate(
                     ablations,
                     clean,
                     totals[site],
+                    remote,
                 )
+                if worst:
+                    worst_tokens[site].add(spliced_ce - clean.token_ce, clean, ids, mask, index)
             bar.advance(0)
-    return SiteMap({site: site_totals.metrics() for site, site_totals in totals.items()})
+    results = SiteMap({site: site_totals.metrics() for site, site_totals in totals.items()})
+    if worst:
+        for site, metrics in results.items():
+            metrics["worst"] = worst_tokens[site].rows(model.tokenizer)
+    return results
+
+
+class WorstTokens:
+    """The `n` next-token predictions of the largest CE increase seen so far, with their contexts
+    (`before` tokens before the predicted one and `after` after it)."""
+
+    def __init__(self, n: int, before: int = 12, after: int = 4) -> None:
+        self.n, self.before, self.after = n, before, after
+        self.found: list[dict[str, Any]] = []
+
+    def add(
+        self,
+        increase: torch.Tensor,
+        clean: _CleanTokens,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        batch: int,
+    ) -> None:
+        """Consider a batch's `(pairs,)` CE increases, in the order of `clean`'s real pairs."""
+        if not self.n or not increase.numel():
+            return
+        pairs = clean.pair_mask.nonzero().squeeze(1)  # flat indices into (rows, ctx - 1)
+        top = increase.topk(min(self.n, increase.numel()))
+        for value, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            row, position = divmod(int(pairs[i]), ids.shape[1] - 1)
+            target = position + 1  # the predicted token
+            real = mask[row].nonzero().squeeze(1)
+            start, end = (
+                max(int(real[0]), target - self.before),
+                min(int(real[-1]) + 1, target + 1 + self.after),
+            )
+            self.found.append(
+                {
+                    "ce_increase": value,
+                    "ce_clean": float(clean.token_ce[i]),
+                    "batch": batch,
+                    "row": row,
+                    "position": target,
+                    "ids": ids[row, start:end].tolist(),
+                    "at": target - start,
+                }
+            )
+        self.found = sorted(self.found, key=lambda found: -found["ce_increase"])[: self.n]
+
+    def rows(self, tokenizer: Any) -> list[dict[str, Any]]:
+        """Largest first: `ce_increase` (nats), `ce_clean`, `ce_spliced`, where (`batch`, `row` of
+        it, `position` of the predicted token), and the text: `before`, `token`, `after`, and
+        `context` with the predicted token marked `[[token]]`."""
+        rows = []
+        for found in self.found:
+            ids, at = found["ids"], found["at"]
+            before, token = tokenizer.decode(ids[:at]), tokenizer.decode(ids[at : at + 1])
+            after = tokenizer.decode(ids[at + 1 :])
+            rows.append(
+                {
+                    "ce_increase": found["ce_increase"],
+                    "ce_clean": found["ce_clean"],
+                    "ce_spliced": found["ce_clean"] + found["ce_increase"],
+                    "batch": found["batch"],
+                    "row": found["row"],
+                    "position": found["position"],
+                    "before": before,
+                    "token": token,
+                    "after": after,
+                    "context": f"{before}[[{token}]]{after}",
+                }
+            )
+        return rows
 
 
 def mean_activations(
@@ -218,6 +292,7 @@ def mean_activations(
     batches: Iterable[TokenBatch],
     skip_first: bool = True,
     bar: Progress | None = None,
+    remote: Remote = False,
 ) -> SiteMap:
     """Each site's mean activation (float32) over the evaluated positions of `batches` (one
     trace per batch, stopped after the last site)."""
@@ -226,7 +301,7 @@ def mean_activations(
     count = 0
     for batch in batches:
         ids, mask = split_batch(batch)
-        acts = harvest(model, sites, ids, mask, keep_bos=not skip_first)
+        acts = harvest(model, sites, ids, mask, keep_bos=not skip_first, remote=remote)
         for site in sites:
             sums[site] = sums[site] + acts[str(site)].double().sum(0)
         count += int(scored_positions(mask, skip_first).sum())
@@ -236,13 +311,30 @@ def mean_activations(
 
 
 def _clean_run(
-    model: Model, dictionaries: SiteMap, inputs: dict[str, torch.Tensor]
+    model: Model, dictionaries: SiteMap, ids: torch.Tensor, mask: torch.Tensor, remote: Remote
 ) -> tuple[torch.Tensor, dict[Site, tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]]]:
     """The clean logits and every site's `(features, error, skip)`, read in one forward pass (the
     sites in forward order); `skip` is what a skip connection adds to the reconstruction (0 for
     dictionaries without one)."""
+    if remote:
+        values = engine.read(
+            model,
+            Tokens(ids, mask),
+            list(dictionaries),
+            remote=remote,
+            all_logits=True,
+            activations=True,
+        )
+        reads = {}
+        for site, dictionary in dictionaries.items():
+            features, error = values.features[site], values.errors[site]
+            skip = 0.0
+            if dictionary.config.skip:
+                skip = values.activations[site] - error - dictionary.decode(features)
+            reads[site] = (features, error, skip)
+        return values.logits, reads
     reads = {}
-    with model.trace(**inputs):
+    with model.trace(**trace_inputs(ids, mask)):
         for site, dictionary in dictionaries.items():
             hook = spliced(model, site)
             skip = 0.0
@@ -265,12 +357,35 @@ def _evaluate_site(
     ablations: Mapping[str, torch.Tensor],
     clean: _CleanTokens,
     totals: _SiteTotals,
-) -> None:
+    remote: Remote,
+) -> torch.Tensor:
     """Accumulate one site's metrics on a batch: reconstruction from the clean run's reads, and one
     batched trace with the site's activation replaced by its reconstruction and, per entry of
-    `ablations` (a name and the `(d,)` vector that replaces the activation), ablated."""
-    hook = spliced(model, site)
+    `ablations` (a name and the `(d,)` vector that replaces the activation), ablated. Returns the
+    spliced run's CE per real next-token pair."""
     keep = (~scored).unsqueeze(-1)  # positions whose activation every run leaves untouched
+    if remote:
+        logits = _site_runs_remote(model, site, dictionary, inputs, ~keep, skip, ablations, remote)
+    else:
+        logits = _site_runs(model, site, dictionary, inputs, keep, skip, ablations)
+    x_hat = dictionary.decode(features) + skip
+    x = x_hat + error
+    totals.add_reconstruction(x[scored], x_hat[scored], features[scored])
+    return totals.add_losses(clean, logits)
+
+
+def _site_runs(
+    model: Model,
+    site: Site,
+    dictionary: Dictionary,
+    inputs: dict[str, torch.Tensor],
+    keep: torch.Tensor,
+    skip: torch.Tensor | float,
+    ablations: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The logits of the spliced run (error dropped where `keep` is False) and of each ablation,
+    in one batched trace."""
+    hook = spliced(model, site)
     logits = {}
     with model.trace() as tracer:
         with tracer.invoke(**inputs):
@@ -281,13 +396,36 @@ def _evaluate_site(
                 f = hook.features.output
                 hook.features.output = f * keep
                 # decode(0) + skip + (value − decode(0) − skip) = value at the scored positions
-                replaced = value.to(error) - dictionary.decode(torch.zeros_like(f)) - skip
+                replaced = value.to(f) - dictionary.decode(torch.zeros_like(f)) - skip
                 hook.error.output = torch.where(keep, hook.error.output, replaced)
                 logits[name] = model.output.logits.save()
-    x_hat = dictionary.decode(features) + skip
-    x = x_hat + error
-    totals.add_reconstruction(x[scored], x_hat[scored], features[scored])
-    totals.add_losses(clean, logits)
+    return logits
 
 
-__all__ = ["DENSE_FREQUENCY", "METRIC_KEYS", "evaluate", "mean_activations"]
+def _site_runs_remote(
+    model: Model,
+    site: Site,
+    dictionary: Dictionary,
+    inputs: dict[str, torch.Tensor],
+    scored: torch.Tensor,
+    skip: torch.Tensor | float,
+    ablations: Mapping[str, torch.Tensor],
+    remote: Remote,
+) -> dict[str, torch.Tensor]:
+    """`_site_runs` as one request that carries the dictionaries: the same edits, as copies
+    (`scored`: `(B, T, 1)`, the positions edited)."""
+    zeros = dictionary.decode(torch.zeros(1, dictionary.d_dict).to(scored.device)) + skip
+    copies = [{site: SiteEdit(error_mask=scored, error_value=0.0)}] + [
+        {
+            site: SiteEdit(
+                features_mask=scored, error_mask=scored, error_value=value.to(zeros) - zeros
+            )
+        }
+        for value in ablations.values()
+    ]
+    tokens = Tokens(inputs["input_ids"], inputs["attention_mask"])
+    runs = engine.edited(model, tokens, copies, remote=remote, all_logits=True).logits
+    return dict(zip(["spliced", *ablations], runs, strict=True))
+
+
+__all__ = ["DENSE_FREQUENCY", "METRIC_KEYS", "WorstTokens", "evaluate", "mean_activations"]

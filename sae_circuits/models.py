@@ -27,17 +27,46 @@ def is_embedded(model: Model) -> bool:
     return bool(name) and Path(name).resolve() == embedded_model_path().resolve()
 
 
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checked_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch device, or a UserInputError for a name torch does not know or a GPU
+    this machine does not have."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise UserInputError(f"unknown device {device!r}: {error}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserInputError(f"device {device}: no CUDA GPU is available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserInputError(
+                f"device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError(f"device {device}: MPS is not available on this machine")
+    return device
+
+
 def load_model(
     name_or_path: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    autocast: torch.dtype | None = None,
 ) -> TransformersModel:
     """An nnsight model with real weights, in eval mode with frozen parameters.
 
     `name_or_path` is a local Hugging Face folder or a hub name (needs a machine that reaches the
     hub); None loads the embedded model. Gradients for attribution flow through spliced dictionary
-    features, so the model's own parameters need none.
+    features, so the model's own parameters need none. `dtype` is the weights' storage type;
+    `autocast` (torch.bfloat16 or torch.float16) runs every forward of the model, and of the
+    dictionaries spliced into it, under `torch.autocast` in that precision, the weights staying
+    in `dtype`.
     """
+    device = checked_device(device)
+    if autocast is not None and autocast not in AUTOCAST_DTYPES.values():
+        raise UserInputError(f"autocast is for {' or '.join(AUTOCAST_DTYPES)}, not {autocast}")
     source = embedded_model_path() if name_or_path is None else name_or_path
     local = Path(source).expanduser()
     if local.exists() and not (local / "config.json").is_file():
@@ -61,6 +90,8 @@ def load_model(
     model._module.to(device)
     model._module.requires_grad_(False)
     model._module.eval()
+    if autocast is not None:  # an instance attribute: what nn.Module.__call__ runs
+        model._module.forward = torch.autocast(device.type, autocast)(model._module.forward)
     tokenizer = model.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -7,13 +7,16 @@ import math
 import shutil
 from collections.abc import Iterable
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sae_circuits.buffer import ActivationBuffer
+from sae_circuits.buffer import ActivationBuffer, ShardStream, read_shard_index
 from sae_circuits.dictionary import Dictionary
+from sae_circuits.distributed import rank_and_world, share
+from sae_circuits.errors import UserInputError
 from sae_circuits.evaluation import evaluate, mean_activations
 from sae_circuits.models import model_name
 from sae_circuits.objectives import ContextStream
@@ -42,12 +45,14 @@ def model_fingerprint(model: Model) -> str:
     return digest.hexdigest()[:16]
 
 
-def output_folder(out: Path, spec: TrainSpec, grid: bool) -> Path:
+def output_folder(out: Path, spec: TrainSpec, grid: bool, seeds: bool = False) -> Path:
     """`out/<site>` (the site the dictionary is spliced at: a transcoder's target), or below it
-    `<kind>_<size>_l1-<l1>` (top-k: `_k-<k>`) for a grid."""
+    `<kind>_<size>_l1-<l1>` (top-k: `_k-<k>`) for a grid, with `_seed-<seed>` when the grid
+    holds several seeds."""
     site_folder = out / (spec.target_key or spec.key)
     sparsity = f"k-{spec.k}" if spec.sparsity == "topk" else f"l1-{spec.l1:g}"
-    return site_folder / f"{spec.kind}_{spec.d_dict}_{sparsity}" if grid else site_folder
+    name = f"{spec.kind}_{spec.d_dict}_{sparsity}" + (f"_seed-{spec.seed}" if seeds else "")
+    return site_folder / name if grid else site_folder
 
 
 def train_and_evaluate(
@@ -65,36 +70,68 @@ def train_and_evaluate(
     seed: int = 0,
     storage_dtype: torch.dtype | None = None,
     keep_checkpoint: bool = False,
+    shards: Path | None = None,
+    autocast: torch.dtype | None = None,
+    distribute_sites: bool = False,
 ) -> list[tuple[Path, Dictionary]]:
     """Train `specs` on one buffer stream (or, for kl and e2e-ds losses, on token contexts through
     the spliced model), evaluate each, save each with its metrics.
 
-    `storage_dtype` (e.g. torch.float16) shrinks the saved weights; loading restores float32.
-    Once every dictionary is saved, the run's checkpoint is removed (and `out/.checkpoint` if
-    nothing else is left in it) unless `keep_checkpoint`.
+    `shards`: train on the activations harvested there by `write_shards` (from this `model`)
+    instead of running the model. `storage_dtype` (e.g. torch.float16) shrinks the saved weights;
+    loading restores float32. `autocast` and `distribute_sites` are those of
+    `train_dictionaries`; the dictionaries train on the model's device. Once every dictionary is
+    saved, the run's checkpoint is removed (and `out/.checkpoint` if nothing else is left in it)
+    unless `keep_checkpoint`.
+
+    Under a process group (see `sae_circuits.distributed`) every rank calls this: each harvests
+    its share of the contexts (every world-th context batch; from shards, its share of every
+    global batch) and trains on `batch_size / world` activations a step; rank 0 alone
+    evaluates, saves and returns the dictionaries (the other ranks return an empty list).
     """
+    rank, world = rank_and_world()
     sites = sorted({Site.parse(spec.key) for spec in specs})
     read = sorted({Site.parse(key) for spec in specs for key in (spec.key, spec.target_key) if key})
     through_model = any(spec.through_model for spec in specs)
-    if through_model:  # whole contexts through the spliced model, about batch_size tokens a step
+    fingerprint = model_fingerprint(model)
+    if shards is not None:
+        if through_model:
+            raise UserInputError(
+                "training from shards needs loss mse (kl and e2e-ds run the model)"
+            )
+        harvested_from = (read_shard_index(shards).get("source") or {}).get("model")
+        if harvested_from != fingerprint:
+            raise UserInputError(f"the activations in {shards} were not harvested from this model")
+        source = ShardStream(shards, batch_size, seed=seed, rank=rank, world=world)
+        steps = math.ceil(tokens / batch_size)
+    elif through_model:  # whole contexts through the spliced model, about batch_size tokens a step
         contexts_per_step = max(1, round(batch_size / (ctx_len - 1)))
-        source = ContextStream(
-            token_batches(model.tokenizer, documents, ctx_len, contexts_per_step)
-        )
-        steps = math.ceil(tokens / (contexts_per_step * (ctx_len - 1)))
+        batches = token_batches(model.tokenizer, documents, ctx_len, contexts_per_step)
+        source = ContextStream(islice(batches, rank, None, world))
+        steps = math.ceil(tokens / (world * contexts_per_step * (ctx_len - 1)))
     else:
         contexts = token_batches(
             model.tokenizer, documents, ctx_len, batch_size=max(n_ctxs // 8, 1)
         )
-        source = ActivationBuffer(model, read, contexts, n_ctxs, ctx_len, batch_size, seed=seed)
+        source = ActivationBuffer(
+            model,
+            read,
+            islice(contexts, rank, None, world),
+            max(n_ctxs // world, 1),
+            ctx_len,
+            share(batch_size, "the batch size"),
+            seed=seed,
+        )
         steps = math.ceil(tokens / batch_size)
     run = {
-        "model": model_fingerprint(model),
+        "model": fingerprint,
         "tokens": tokens,
         "batch_size": batch_size,
         "ctx_len": ctx_len,
         "n_ctxs": n_ctxs,
         "seed": seed,
+        **({"shards": str(Path(shards).resolve())} if shards is not None else {}),
+        **({"processes": world} if world > 1 else {}),
     }
     checkpoint = checkpoint_dir(out, specs, run)
     dictionaries = train_dictionaries(
@@ -104,9 +141,15 @@ def train_and_evaluate(
         checkpoint_dir=checkpoint,
         checkpoint_every=checkpoint_every,
         model=model if through_model else model_name(model),
+        device=next(model.parameters()).device,
+        autocast=autocast,
+        distribute_sites=distribute_sites,
     )
+    if rank != 0:
+        return []
     eval_batches = list(token_batches(model.tokenizer, eval_documents, ctx_len, 16, eval_tokens))
     grid = len(specs) > len(sites)
+    seeds = len({spec.seed for spec in specs}) > 1
     # one mean-activation pass for all: each dictionary is then evaluated against the same means
     means = mean_activations(model, {d.config.site for d in dictionaries}, eval_batches)
     saved = []
@@ -114,7 +157,7 @@ def train_and_evaluate(
         site = dictionary.config.site
         metrics = evaluate(model, {site: dictionary}, eval_batches, means={site: means[site]})
         dictionary.config.metrics.update(metrics[site])
-        folder = output_folder(out, spec, grid)
+        folder = output_folder(out, spec, grid, seeds)
         dictionary.save(folder, dtype=storage_dtype)
         saved.append((folder, dictionary))
     if not keep_checkpoint:

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from sae_circuits.sites import Site
 
 if TYPE_CHECKING:
+    from sae_circuits.greedy_search import GreedyCurve
     from sae_circuits.patching_curves import PatchingCurve
 
 # Shares of the clean-corrupted gap marked on patching curves and reported in their tables.
@@ -37,10 +38,9 @@ def patching_curves(curves: Mapping[Site, Mapping[str, PatchingCurve]], path: st
     for column, (site, by_basis) in enumerate(curves.items()):
         top, bottom = axes[0, column], axes[1, column]
         for name, curve in by_basis.items():
-            ks = range(1, len(curve.restored) + 1)
             style = {"linewidth": 2.2 if name == "sae" else 1.3, "label": name}
-            top.plot(ks, curve.restored, **style)
-            bottom.plot(ks, curve.kl, **style)
+            top.plot(curve.ks, curve.restored, marker=".", **style)
+            bottom.plot(curve.ks, curve.kl, marker=".", **style)
         for share in GAP_SHARES:
             top.axhline(share, color="grey", linewidth=0.6, linestyle=":")
         top.set_title(str(site))
@@ -55,4 +55,31 @@ def patching_curves(curves: Mapping[Site, Mapping[str, PatchingCurve]], path: st
     return path
 
 
-__all__ = ["GAP_SHARES", "new_figure", "patching_curves"]
+def greedy_curves(results: Mapping[Site, Mapping[str, GreedyCurve]], path: str | Path) -> Path:
+    """One panel per site: directions kept by the greedy search against the KL to the corrupted
+    output (one point per threshold), one line per basis, as Cunningham et al. plot it."""
+    path = Path(path)
+    n = len(results)
+    figure = new_figure((3.4 * n, 3.2))
+    axes = figure.subplots(1, n, squeeze=False)[0]
+    for axis, (site, by_basis) in zip(axes, results.items(), strict=True):
+        for name, curve in by_basis.items():
+            axis.plot(
+                curve.kept,
+                curve.kl,
+                marker="o",
+                linewidth=2.2 if name == "sae" else 1.3,
+                label=name,
+            )
+        axis.set_title(str(site))
+        axis.set_xlabel("directions kept")
+        axis.set_xscale("symlog", linthresh=1)
+    axes[0].set_ylabel("KL(corrupted ‖ patched)")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+__all__ = ["GAP_SHARES", "greedy_curves", "new_figure", "patching_curves"]

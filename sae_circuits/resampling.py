@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_circuits.dictionary import Dictionary
+from sae_circuits.train_spec import RESAMPLE_TARGETS
 
 RESAMPLE_POOL = 2048  # inputs (rows) kept by ResidualTarget
 
@@ -28,7 +29,6 @@ class InputTarget:
     """Unit inputs of the current batch, drawn ∝ squared reconstruction error (with replacement);
     encoder and Adam state of the new latents start from zero (Anthropic 2023)."""
 
-    name: ClassVar[str] = "input"
     match_live: ClassVar[bool] = False  # encoder norm, bias and Adam second moments like the live
 
     def observe(self, x: torch.Tensor) -> None:
@@ -58,7 +58,6 @@ class ResidualTarget:
     like the live latents' (zero second moments would make their first updates tens of times
     larger than the LR)."""
 
-    name: ClassVar[str] = "residual"
     match_live: ClassVar[bool] = True
 
     def __init__(self) -> None:
@@ -90,10 +89,9 @@ class ResidualTarget:
         self.pool = deque(state["pool"])
 
 
-TARGETS: dict[str, type[InputTarget] | type[ResidualTarget]] = {
-    target.name: target for target in (InputTarget, ResidualTarget)
-}
-RESAMPLE_TARGETS = tuple(TARGETS)
+TARGETS: dict[str, type[InputTarget] | type[ResidualTarget]] = dict(
+    zip(RESAMPLE_TARGETS, (InputTarget, ResidualTarget), strict=True)
+)
 
 
 class Resampler:

@@ -25,6 +25,7 @@ import nnsight
 import torch
 from torch import nn
 
+from sae_circuits.carried import splice
 from sae_circuits.dictionary import Dictionary, DictionaryConfig
 from sae_circuits.errors import UserInputError
 from sae_circuits.protocols import Model
@@ -62,26 +63,11 @@ class SplicedDictionary(nn.Module):
 
     def forward(self, x: torch.Tensor, x_in: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruct `x`, encoding `x_in` when the dictionary reads another site."""
-        source = x if x_in is None else x_in
-        encoded = self.dictionary.encode(source)
-        features = self.features(_editable(encoded))
-        skip = self.dictionary.skip_term(source)
-        reconstruction = self.dictionary.decode(encoded) + skip
-        error = self.error(_editable(x - reconstruction))
-        if not torch.is_grad_enabled() and torch.equal(features, encoded):
-            return reconstruction + error  # features untouched: skip the second decode
-        return self.dictionary.decode(features) + skip + error
+        return splice(self.dictionary, x, x if x_in is None else x_in, self.features, self.error)
 
     def envoy(self, model: Model) -> Any:
         """This module's envoy in `model`."""
         return getattr(envoy_at(model, self.location.path), self.location.attribute)
-
-
-def _editable(value: torch.Tensor) -> torch.Tensor:
-    """A copy users may edit in place and differentiate (a non-leaf when gradients are on)."""
-    if torch.is_grad_enabled() and not value.requires_grad:
-        value = value.detach().requires_grad_(True)
-    return value.clone()
 
 
 def attach(model: Model, dictionaries: Mapping[str | Site, Dictionary]) -> Model:
@@ -140,6 +126,24 @@ def temporarily_attached(
         restore = {site: d for site, d in previous.items() if site in dictionaries}
         if restore:
             attach(model, restore)
+
+
+@contextmanager
+def unmounted(model: Model) -> Iterator[list[SplicedDictionary]]:
+    """For the duration of a `with` block, `model` without its splices (the modules and the
+    edit), as a server that never saw them holds it; yields the spliced modules in forward order.
+    A remote request built inside carries their computation itself (`sae_circuits.remote`)."""
+    registry = _registry(model)
+    entries = [registry[site] for site in sorted(registry)]
+    for entry in entries:
+        _remove_submodule(envoy_at(model, entry.location.path), entry.location.attribute)
+    model.clear_edits()
+    try:
+        yield entries
+    finally:
+        for entry in entries:
+            setattr(envoy_at(model, entry.location.path), entry.location.attribute, entry)
+        _install_edits(model)
 
 
 def replace_dictionary(model: Model, site: str | Site, dictionary: Dictionary) -> None:
@@ -263,4 +267,5 @@ __all__ = [
     "replace_dictionary",
     "spliced",
     "temporarily_attached",
+    "unmounted",
 ]

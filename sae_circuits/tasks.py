@@ -22,12 +22,11 @@ from typing import Any
 
 import torch
 
+from sae_circuits.constants import CORRUPTIONS, TASKS
 from sae_circuits.errors import UserInputError
 from sae_circuits.protocols import Model
 from sae_circuits.task_text import SPLITS, ioi_examples, sva_examples
 
-TASKS = ("ioi", "sva")
-CORRUPTIONS = {"ioi": ("abc", "swap"), "sva": ("number",)}
 _PAIR_KEYS = ("clean", "corrupt", "answer", "distractor")
 
 

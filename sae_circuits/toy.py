@@ -4,7 +4,8 @@ Reproduces Sharkey, Braun & Millidge (2022), *Taking features out of superpositi
 autoencoders*: G ground-truth unit features in h dimensions, sparse correlated coefficients, a grid
 of dictionaries (L1 coefficient × size) trained in one pass, the mean max cosine similarity (MMCS)
 between learned and true features, and three ways of choosing (size, L1) without ground truth:
-dead features, summed standardised log losses (SSLL), and MMCS against larger dictionaries.
+dead features, summed standardised log losses (SSLL), and MMCS against larger dictionaries (the
+methods themselves live in `sae_circuits.selection`, shared with grids trained on a model).
 """
 
 from __future__ import annotations
@@ -22,36 +23,15 @@ import torch.nn.functional as F
 
 from sae_circuits.dictionary import Dictionary
 from sae_circuits.errors import UserInputError
-from sae_circuits.plotting import new_figure
-from sae_circuits.training import TrainSpec, train_dictionaries
-
-TOY_KEY = "toy"
-METHODS = ("dead", "ssll", "mmcs_larger")
-DEFAULT_L1S = (0.01, 0.03, 0.1, 0.3, 1.0)
-DEFAULT_RATIOS = (0.5, 1.0, 2.0)
-DEFAULT_STEPS = 3500
-# The dictionaries of a sweep: one TrainSpec per cell, this template with the cell's size and L1.
-TOY_SPEC = TrainSpec(
+from sae_circuits.selection import mmcs, mmcs_larger, plot_heatmaps, propose, ssll
+from sae_circuits.selection_defaults import (
+    DEFAULT_L1S,
+    DEFAULT_RATIOS,
+    DEFAULT_STEPS,
     TOY_KEY,
-    recipe="report",
-    # The report used lr 1e-3, which needs far more steps than a CPU affords. From 1e-2 up, Adam's
-    # large steps on rarely active latents keep the rarest features from settling (docs/toy.md).
-    lr=8.5e-3,
-    decay_start=0.8,  # linear LR decay to 0 over the last 20% of the steps
-    warmup_steps=0,
-    dead_window=500,
-    # Dead latents are re-initialised every this many steps; with the defaults the last resampling
-    # is one dead window before the end, so dead counts stay honest.
-    resample_every=500,
-    # At each resampling, latents that are wasted without being dead are re-initialised too: those
-    # whose decoder direction has cosine >= 0.9 with a more active latent, and those that fired
-    # fewer than 5 times since the last resampling; all towards least-squares residuals of recent
-    # inputs. At J = G, duplicated and near-silent latents otherwise leave the rarest features
-    # without a latent.
-    resample_duplicates=0.9,
-    resample_min_fires=5,
-    resample_target="residual",
+    TOY_SPEC,
 )
+from sae_circuits.training import TrainSpec, train_dictionaries
 
 
 # --------------------------------------------------------------------------------- generator
@@ -155,39 +135,6 @@ class ToyStream:
         self.generator.set_state(state["generator"])
 
 
-# --------------------------------------------------------------------------------- MMCS
-def _directions(features: torch.Tensor | Dictionary) -> torch.Tensor:
-    tensor = features.decoder_directions if isinstance(features, Dictionary) else features
-    return F.normalize(tensor.detach().float(), dim=-1)
-
-
-def max_cosine(
-    a: torch.Tensor | Dictionary, b: torch.Tensor | Dictionary, chunk: int = 4096
-) -> torch.Tensor:
-    """For each row (feature) of `a`, its largest cosine similarity with any row of `b`.
-
-    Works in `chunk × chunk` blocks, so 32k × 32k features need only `chunk²` floats at a time.
-    Dictionaries are compared by their decoder directions.
-    """
-    a, b = _directions(a), _directions(b)
-    if a.shape[1] != b.shape[1]:
-        raise UserInputError(f"cannot compare features of width {a.shape[1]} and {b.shape[1]}")
-    best = torch.full((len(a),), -1.0)
-    for i in range(0, len(a), chunk):
-        for j in range(0, len(b), chunk):
-            block = (a[i : i + chunk] @ b[j : j + chunk].T).amax(1)
-            best[i : i + chunk] = torch.maximum(best[i : i + chunk], block)
-    return best
-
-
-def mmcs(
-    reference: torch.Tensor | Dictionary, learned: torch.Tensor | Dictionary, chunk: int = 4096
-) -> float:
-    """Mean over `reference` features (ground truth, or a smaller dictionary) of the max cosine
-    similarity with any `learned` feature (the larger dictionary)."""
-    return float(max_cosine(reference, learned, chunk).mean())
-
-
 # --------------------------------------------------------------------------------- sweeps
 @dataclass
 class SweepResult:
@@ -274,12 +221,7 @@ def sweep(
             l1_norm[index] = float(f.sum(-1).mean())
             mmcs_grid[index] = mmcs(data.features, dictionary)
             dead[index] = dictionary.config.metrics["train_dead"]
-    larger = np.full(shape, np.nan)
-    for r in range(len(ratios) - 1):
-        for i in range(len(l1s)):
-            larger[r, i] = np.mean(
-                [mmcs(grid[r, i], grid[q, i]) for q in range(r + 1, len(ratios))]
-            )
+    larger = mmcs_larger(grid)
     seconds = time.perf_counter() - start  # training and scoring
     return SweepResult(
         l1s=l1s,
@@ -314,35 +256,9 @@ def _resampling_period(resample_every: int | None, steps: int, window: int) -> i
     return resample_every
 
 
-def ssll(reconstruction: np.ndarray, l1_norm: np.ndarray) -> np.ndarray:
-    """Summed standardised log losses: z-score (over the grid) of log reconstruction loss plus that
-    of log L1 loss; zero losses (log 0) are left out of the statistics and give NaN."""
-    return _zscore_log(reconstruction) + _zscore_log(l1_norm)
-
-
-def _zscore_log(values: np.ndarray) -> np.ndarray:
-    logs = np.full(values.shape, np.nan)
-    positive = values > 0
-    logs[positive] = np.log(values[positive])
-    std = np.nanstd(logs)
-    return (logs - np.nanmean(logs)) / (std if std > 0 else 1.0)
-
-
 def select(result: SweepResult) -> dict[str, dict[str, float]]:
-    """Each method's proposed (ratio, L1) and the ground-truth MMCS there.
-
-    - `dead`: the largest (ratio, then L1) without dead features (else the fewest dead);
-    - `ssll`: the smallest SSLL;
-    - `mmcs_larger`: the largest MMCS against the larger dictionaries.
-    """
-    cells = [(r, i) for r in range(len(result.ratios)) for i in range(len(result.l1s))]
-    ssll_grid = np.nan_to_num(result.ssll, nan=np.inf)
-    larger_grid = np.nan_to_num(result.mmcs_larger, nan=-np.inf)
-    chosen = {
-        "dead": max(cells, key=lambda c: (-result.dead[c], c[0], c[1])),
-        "ssll": min(cells, key=lambda c: ssll_grid[c]),
-        "mmcs_larger": max(cells, key=lambda c: larger_grid[c]),
-    }
+    """Each method's proposed (ratio, L1) (`selection.propose`) and the ground-truth MMCS there."""
+    chosen = propose(result.dead, result.ssll, result.mmcs_larger)
     return {
         method: {"l1": result.l1s[i], "ratio": result.ratios[r], "mmcs": float(result.mmcs[r, i])}
         for method, (r, i) in chosen.items()
@@ -362,44 +278,25 @@ HEATMAPS = {
 }
 
 
-def plot_heatmaps(result: SweepResult, out_dir: str | Path, prefix: str = "toy_") -> list[Path]:
-    """One small PNG per metric (`<prefix><metric>.png`) over the ratio × L1 grid."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, title in HEATMAPS.items():
-        values = getattr(result, name)
-        fig = new_figure((0.75 * len(result.l1s) + 1.8, 0.5 * len(result.ratios) + 1.3))
-        ax = fig.subplots()
-        image = ax.imshow(values, cmap="viridis", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(result.l1s)), [f"{v:g}" for v in result.l1s])
-        ax.set_yticks(range(len(result.ratios)), [f"{v:g}" for v in result.ratios])
-        ax.set_xlabel("L1 coefficient α")
-        ax.set_ylabel("dictionary size / G")
-        ax.set_title(title, fontsize=10)
-        for (r, i), value in np.ndenumerate(values):
-            if np.isfinite(value):
-                text = f"{value:.0f}" if name == "dead" else f"{value:.2f}"
-                ax.text(i, r, text, ha="center", va="center", fontsize=7, color="white")
-        fig.colorbar(image, ax=ax)
-        fig.tight_layout()
-        path = out_dir / f"{prefix}{name}.png"
-        fig.savefig(path, dpi=80)
-        paths.append(path)
-    return paths
+def plot_toy_heatmaps(result: SweepResult, out_dir: str | Path) -> list[Path]:
+    """One small PNG per metric (`toy_<metric>.png`) over the ratio × L1 grid."""
+    return plot_heatmaps(
+        {name: (title, getattr(result, name)) for name, title in HEATMAPS.items()},
+        result.ratios,
+        result.l1s,
+        out_dir,
+        prefix="toy_",
+        row_label="dictionary size / G",
+    )
 
 
 __all__ = [
-    "METHODS",
     "SweepResult",
     "TOY_SPEC",
     "ToyConfig",
     "ToyData",
     "ToyStream",
-    "max_cosine",
-    "mmcs",
-    "plot_heatmaps",
+    "plot_toy_heatmaps",
     "select",
-    "ssll",
     "sweep",
 ]

@@ -25,8 +25,8 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from contextlib import contextmanager, nullcontext
+from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,223 +34,24 @@ import torch
 
 from sae_circuits.batches import TokenBatch
 from sae_circuits.dictionary import Dictionary, DictionaryConfig, TrainingForward, load_weights
+from sae_circuits.distributed import Replicas, balanced_owners, module_state
 from sae_circuits.errors import UserInputError
 from sae_circuits.models import model_name
 from sae_circuits.objectives import CleanRun, clean_run, downstream_sites, spliced_loss
 from sae_circuits.progress import new_progress
 from sae_circuits.protocols import Model
-from sae_circuits.resampling import RESAMPLE_TARGETS, Resampler
+from sae_circuits.resampling import Resampler
 from sae_circuits.sites import Site
 from sae_circuits.sparse_codes import SparseCodes
 from sae_circuits.splice import replace_dictionary, temporarily_attached
+from sae_circuits.train_spec import KIND_TRAINING, KINDS, TrainSpec
 
 Batch = dict[str, torch.Tensor]
 
-KINDS = tuple(kind for kind, cls in Dictionary.registry.items() if cls.trainable)
-TOP_K_KINDS = tuple(kind for kind in KINDS if Dictionary.registry[kind].sparsities == ("topk",))
-REPORT_KINDS = tuple(kind for kind in KINDS if Dictionary.registry[kind].decoder_bias)  # held at 0
-SPARSITIES = ("l1", "entropy", "l0", "topk")
-RECIPES = ("standard", "report")
-LOSSES = ("mse", "kl", "e2e-ds")
 CHECKPOINT_FILE = "checkpoint.pt"
 _EPS = 1e-9
 # the running means a member keeps; sse: the squared error summed over dimensions
 _STATS = ("sse", "sparsity", "l0", "loss")
-
-
-@dataclass
-class TrainSpec:
-    """One dictionary to train.
-
-    Losses per input `x` with reconstruction `x̂` (of `x`, or for a transcoder of the entry
-    `target_key`) and features `f`:
-    - recipe "standard": `‖x − x̂‖² + l1 · S(f)`;
-    - recipe "report" (Sharkey et al.): `(1/d)‖x − x̂‖² + (l1/d_dict) · S(f)`, no decoder bias,
-      orthogonal initialisation;
-    where `S` is the L1 norm (`sparsity="l1"`), the entropy of `f / Σf` (`"entropy"`), a
-    straight-through L0 (`"l0"`, kind jumprelu), or nothing for top-k kinds (`"topk"`: topk,
-    batchtopk, and transcoders given `k`), which keep `k` features per input and add the AuxK loss
-    `aux_coefficient · ‖e − ê‖²` (e the residual `x − x̂`, ê its reconstruction by the `aux_k` largest
-    dead latents). `loss="kl"` replaces `‖x − x̂‖²` by KL(clean ‖ spliced) of the next-token
-    distributions with the dictionary spliced into the model, `"e2e-ds"` adds
-    `downstream_coefficient` × the mean normalized MSE of the later residual-stream sites
-    (Braun et al. 2024).
-    """
-
-    key: str = field(metadata={"help": "the entry of the stream's batches to train on"})
-    kind: str = field(default="untied", metadata={"help": "dictionary kind", "choices": KINDS})
-    loss: str = field(
-        default="mse",
-        metadata={
-            "help": "reconstruction objective: squared error (mse), KL of the next-token "
-            "distributions through the spliced model (kl), or KL plus downstream squared errors "
-            "(e2e-ds)",
-            "choices": LOSSES,
-        },
-    )
-    d_dict: int = field(default=4096, metadata={"help": "dictionary size: number of features"})
-    l1: float = field(default=1e-3, metadata={"help": "sparsity coefficient"})
-    sparsity: str = field(
-        default="l1",
-        metadata={
-            "help": "sparsity penalty: L1 norm or entropy of the features, L0 (jumprelu), none "
-            "(topk kinds: topk)",
-            "choices": SPARSITIES,
-        },
-    )
-    k: int | None = field(
-        default=None, metadata={"help": "active features per input of a top-k dictionary"}
-    )
-    aux_k: int | None = field(
-        default=None,
-        metadata={
-            "help": "AuxK: dead latents that reconstruct the residual (top-k kinds; default: half "
-            "the output width; 0: off)"
-        },
-    )
-    aux_coefficient: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss"})
-    downstream_coefficient: float = field(
-        default=1.0, metadata={"help": "e2e-ds: weight of the downstream normalized MSE"}
-    )
-    target_key: str | None = field(
-        default=None, metadata={"help": "transcoders: the stream entry to reconstruct"}
-    )
-    skip: bool = field(
-        default=False, metadata={"help": "transcoders: add a linear skip connection"}
-    )
-    init: str | None = field(
-        default=None,
-        metadata={"help": "start from the weights of this dictionary folder", "metavar": "DIR"},
-    )
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    warmup_steps: int = field(default=1000, metadata={"help": "steps of linear LR warm-up"})
-    decay_start: float | None = field(
-        default=None,
-        metadata={"help": "linear LR decay to 0 from this step (< 1: a fraction of the steps)"},
-    )
-    resample_every: int | None = field(
-        default=None, metadata={"help": "re-initialise dead latents every N steps", "metavar": "N"}
-    )
-    dead_window: int = field(
-        default=1000, metadata={"help": "a latent is dead if it did not fire in this many steps"}
-    )
-    # ties between duplicates: the lower index is kept
-    resample_duplicates: float | None = field(
-        default=None,
-        metadata={
-            "help": "at each resampling, also re-initialise latents whose decoder direction has "
-            "cosine >= COS with a latent that fired more since the previous one",
-            "metavar": "COS",
-        },
-    )
-    resample_min_fires: int = field(
-        default=0,
-        metadata={
-            "help": "at each resampling, also re-initialise latents that fired fewer than N times "
-            "since the previous one; 0: off",
-            "metavar": "N",
-        },
-    )
-    # "input": unit inputs drawn ∝ squared reconstruction error from the current batch, encoder
-    # 0.2 × the mean live norm, bias 0, Adam moments 0 (Anthropic 2023); "residual": the largest
-    # least-squares residuals of the last RESAMPLE_POOL inputs, encoder at the median live norm and
-    # bias, Adam second moments at the live mean (see `sae_circuits.resampling`)
-    resample_target: str = field(
-        default="input",
-        metadata={
-            "help": "re-initialise towards badly reconstructed inputs (input) or towards "
-            "least-squares residuals of recent inputs (residual)",
-            "choices": RESAMPLE_TARGETS,
-        },
-    )
-    noise_std: float = field(
-        default=0.0,
-        metadata={"help": "denoising: std of Gaussian noise added to the input, not the target"},
-    )
-    normalize: bool = field(
-        default=False,
-        metadata={"help": "scale activations to mean squared norm d (folded into the weights)"},
-    )
-    recipe: str = field(
-        default="standard",
-        metadata={
-            "help": "losses and initialisation: standard, or as in Sharkey et al. (report)",
-            "choices": RECIPES,
-        },
-    )
-    seed: int = field(default=0, metadata={"help": "random seed"})
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise UserInputError(f"TrainSpec({self.key!r}): kind must be one of {', '.join(KINDS)}")
-        sparsities = Dictionary.registry[self.kind].sparsities
-        if self.sparsity == "l1" and (self.k or "l1" not in sparsities):
-            # the default names the kind's own penalty: topk given k, else the kind's first
-            self.sparsity = "topk" if self.k and "topk" in sparsities else sparsities[0]
-        top_k = self.sparsity == "topk"
-        transcoder = self.kind == "transcoder"
-        checks = [
-            (
-                self.sparsity in sparsities,
-                f"a {self.kind} dictionary trains with sparsity {' or '.join(sparsities)}",
-            ),
-            (not top_k or (self.k or 0) >= 1, f"a {self.kind} dictionary needs k >= 1"),
-            (top_k or self.k is None, f"k is for top-k dictionaries, not sparsity {self.sparsity}"),
-            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
-            (self.recipe in RECIPES, f"recipe must be one of {', '.join(RECIPES)}"),
-            (
-                self.recipe != "report" or self.kind in REPORT_KINDS,
-                f"the report recipe needs a kind with a decoder bias ({', '.join(REPORT_KINDS)})",
-            ),
-            (
-                self.d_dict >= 1 and self.lr > 0 and self.l1 >= 0,
-                "need d_dict >= 1, lr > 0, l1 >= 0",
-            ),
-            (self.warmup_steps >= 0 and self.noise_std >= 0, "need warmup_steps, noise_std >= 0"),
-            (self.dead_window >= 1, "dead_window must be >= 1"),
-            (
-                self.resample_every is None or self.resample_every >= 1,
-                "resample_every must be >= 1",
-            ),
-            (self.decay_start is None or self.decay_start >= 0, "decay_start must be >= 0"),
-            (
-                self.resample_duplicates is None or 0 < self.resample_duplicates <= 1,
-                "resample_duplicates must be a cosine in (0, 1]",
-            ),
-            (self.resample_min_fires >= 0, "resample_min_fires must be >= 0"),
-            (
-                self.resample_target in RESAMPLE_TARGETS,
-                f"resample_target must be one of {', '.join(RESAMPLE_TARGETS)}",
-            ),
-            (self.aux_k is None or self.aux_k >= 0, "aux_k must be >= 0"),
-            (
-                self.aux_coefficient >= 0 and self.downstream_coefficient >= 0,
-                "aux_coefficient and downstream_coefficient must be >= 0",
-            ),
-            (
-                transcoder == (self.target_key is not None),
-                "a transcoder needs target_key (the entry it reconstructs); other kinds "
-                "reconstruct their input",
-            ),
-            (transcoder or not self.skip, "skip connections are for transcoders"),
-            (
-                not transcoder or not self.resample_every,
-                "transcoders are not resampled (input and output differ); top-k transcoders "
-                "revive dead latents with AuxK",
-            ),
-            (
-                not transcoder or self.loss == "mse",
-                "transcoders train with loss mse",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserInputError(f"TrainSpec({self.key!r}): {message}")
-
-    @property
-    def through_model(self) -> bool:
-        """Whether the loss needs the spliced model (not only activations)."""
-        return self.loss != "mse"
 
 
 def _fit_schedules(specs: list[TrainSpec], steps: int) -> list[TrainSpec]:
@@ -302,6 +103,8 @@ def train_dictionaries(
     normalize_batches: int = 8,
     log_every: int = 10,
     device: str | torch.device = "cpu",
+    autocast: torch.dtype | None = None,
+    distribute_sites: bool = False,
 ) -> list[Dictionary]:
     """Train one dictionary per spec for `steps` batches of `source`, all in the same pass.
 
@@ -321,6 +124,21 @@ def train_dictionaries(
     `steps` and `tokens`, and `metrics` gets `train_mse` (per dimension), `train_sse` (summed over
     dimensions), `train_sparsity`, `train_l0`, `train_loss` (means over the last `log_every`
     steps), `train_dead` and `train_dead_fraction`.
+
+    `autocast` (torch.bfloat16 or torch.float16) runs the dictionaries' forward and backward in
+    that precision under `torch.autocast`, their weights and Adam state staying float32 (float16
+    with a gradient scaler).
+
+    Under an initialised `torch.distributed` process group (`sae_circuits.distributed`), each
+    process passes its own `source`: its share of every global batch (equal sizes on every rank).
+    By default every rank holds every dictionary (data parallelism): gradients are averaged over
+    the ranks, latent fire counts (dead latents, AuxK, resampling), statistics and the
+    normalisation scale computed from all ranks' inputs, resampling done on the gathered global
+    batch then broadcast from rank 0, so the ranks stay identical and the result is that of one
+    process on the concatenated batches. With `distribute_sites`, each dictionary lives on one
+    rank (balanced by size) and the batch entries it trains on are gathered to that rank; the
+    returned list is then complete on every rank. Only rank 0 shows progress and writes the
+    checkpoint (which holds every rank's stream state; resume with the same number of processes).
     """
     if not specs:
         raise UserInputError("no dictionaries to train")
@@ -330,10 +148,17 @@ def train_dictionaries(
     _check_objectives(specs, language_model)
     specs = _fit_schedules(specs, steps)
     device = torch.device(device)
+    replicas = Replicas.current()
+    rank, world = (replicas.rank, replicas.world) if replicas else (0, 1)
+    sharded = distribute_sites and replicas is not None
+    if sharded and language_model is not None:
+        raise UserInputError("distributing the dictionaries over processes needs loss mse")
     path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    state = _load_checkpoint(path, specs, source) if path and resume and path.is_file() else None
+    state = None
+    if path and resume and path.is_file():
+        state = _load_checkpoint(path, specs, source, rank, world)
 
-    stream = _Stream(source, state["stream"]["pending"] if state else [])
+    stream = _Stream(source, state["streams"][rank]["pending"] if state else [])
     reader = _BatchReader(language_model, specs)
     if state:
         widths, scales, start = state["d_in"], state["scales"], state["step"]
@@ -341,37 +166,55 @@ def train_dictionaries(
         normalized = sorted({spec.key for spec in specs if spec.normalize})
         first = [reader.read(raw) for raw in stream.peek(normalize_batches if normalized else 1)]
         widths = _input_widths(first[0], specs, d_in)
-        scales = {key: _activation_scale(first, key) for key in normalized}
+        scales = {key: _activation_scale(first, key, replicas) for key in normalized}
         start = 0
+    if sharded:
+        owners = balanced_owners([_size(spec, widths) for spec in specs], world)
+        needs: dict[str, list[int]] = {}  # the ranks that train on each entry
+        for owner, spec in zip(owners, specs, strict=True):
+            for key in filter(None, (spec.key, spec.target_key)):
+                needs[key] = sorted({*needs.get(key, []), owner})
+    else:
+        owners = [rank] * len(specs)
+    local = [i for i, owner in enumerate(owners) if owner == rank]
     names = site_names or {}
     keys = {spec.key for spec in specs} | {spec.target_key for spec in specs if spec.target_key}
     sites = {key: _config_site(key, names) for key in keys}
     indicators = _Indicators()
     members = [
         _Member(
-            spec,
-            widths[spec.key],
-            widths.get(spec.target_key),
+            specs[i],
+            widths[specs[i].key],
+            widths.get(specs[i].target_key),
             sites,
             model_name(language_model) if language_model is not None else model,
             device,
-            scales.get(spec.key) if spec.normalize else None,
+            scales.get(specs[i].key) if specs[i].normalize else None,
             indicators,
+            autocast,
+            None if sharded else replicas,
         )
-        for spec in specs
+        for i in local
     ]
     if state:
-        for member, member_state in zip(members, state["members"], strict=True):
-            member.load_state(member_state)
+        for member, i in zip(members, local, strict=True):
+            member.load_state(state["members"][i])
 
     done = start
-    with _ProgressBar(progress, steps, start) as bar, reader.splices(members):
+    shown = progress and rank == 0
+    with _ProgressBar(shown, steps, start) as bar, reader.splices(members):
         for step in range(start, steps):
             raw = stream.next()
-            if raw is None:
-                warnings.warn(f"the stream ended after {step} of {steps} steps", stacklevel=2)
+            more = raw is not None
+            if replicas is not None:  # every rank stops at the first rank's end
+                more = replicas.all(more, device)
+            if not more:
+                if rank == 0:
+                    warnings.warn(f"the stream ended after {step} of {steps} steps", stacklevel=2)
                 break
             batch = reader.read(raw)
+            if sharded:
+                batch = _gathered(batch, needs, replicas)
             inputs: dict[tuple[str, bool], torch.Tensor] = {}
             for member in members:
                 spec = member.spec
@@ -386,18 +229,66 @@ def train_dictionaries(
                     and (step + 1) % spec.resample_every == 0
                     and step + 1 < steps
                 ):
-                    member.resampler.resample(x)
+                    member.resample(x)
             done = step + 1
             if done % log_every == 0 or done == steps:
                 for member in members:
                     member.flush_stats()
                 bar.update(done, members)
             if path is not None and (done % checkpoint_every == 0 or done == steps):
-                _save_checkpoint(path, done, specs, widths, scales, stream, members)
-    return [
+                streams, states = _checkpoint_parts(stream, members, local, replicas, sharded)
+                if rank == 0:
+                    _save_checkpoint(path, done, specs, widths, scales, streams, states)
+    finished = [
         member.finish(done, scales[member.spec.key] if member.spec.normalize else None)
         for member in members
     ]
+    if not sharded:
+        return finished
+    parts = replicas.all_gather_objects(
+        [(i, d.cpu()) for i, d in zip(local, finished, strict=True)]
+    )
+    return [d.to(device) for _, d in sorted((pair for part in parts for pair in part), key=_first)]
+
+
+def _first(pair: tuple[int, Any]) -> int:
+    return pair[0]
+
+
+def _size(spec: TrainSpec, widths: dict[str, int]) -> int:
+    """A dictionary's weights (its share of the training work)."""
+    d_in = widths[spec.key]
+    return spec.d_dict * (d_in + widths.get(spec.target_key, d_in))
+
+
+def _gathered(batch: Batch, needs: dict[str, list[int]], replicas: Replicas) -> Batch:
+    """The global batch of each entry on the ranks whose dictionaries train on it."""
+    gathered = {}
+    for key, ranks in needs.items():
+        for destination in ranks:
+            rows = replicas.gather_rows_to(batch[key], destination)
+            if rows is not None:
+                gathered[key] = rows
+    return gathered
+
+
+def _checkpoint_parts(
+    stream: _Stream,
+    members: list[_Member],
+    local: list[int],
+    replicas: Replicas | None,
+    sharded: bool,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every rank's stream state and every dictionary's state, in spec order, on rank 0 (the
+    data-parallel replicas are identical: rank 0's own states)."""
+    states = {i: member.state() for i, member in zip(local, members, strict=True)}
+    if replicas is None:
+        return [stream.state()], [states[i] for i in sorted(states)]
+    streams = replicas.gather_objects(stream.state())
+    if sharded:
+        parts = replicas.gather_objects(states)
+        states = {i: s for part in parts or [] for i, s in part.items()}
+    return streams or [], [states[i] for i in sorted(states)]
 
 
 def _check_objectives(specs: list[TrainSpec], language_model: Model | None) -> None:
@@ -521,9 +412,13 @@ class _Member:
         device: torch.device,
         scale: float | None = None,
         indicators: _Indicators | None = None,
+        autocast: torch.dtype | None = None,
+        replicas: Replicas | None = None,
     ) -> None:
         self.spec = spec
         self.indicators = indicators or _Indicators()
+        self.replicas = replicas  # data parallel: the other ranks hold replicas of this member
+        self.world = replicas.world if replicas is not None else 1
         config = DictionaryConfig(
             kind=spec.kind,
             d_in=d_in,
@@ -544,7 +439,8 @@ class _Member:
         if spec.init is not None:
             _initialise_from(self.dictionary, spec.init, scale)
         self.dictionary.to(device)
-        frozen = self.dictionary.decoder_bias if report else None  # the report recipe: held at 0
+        # the report recipe: held at 0
+        frozen = KIND_TRAINING[spec.kind].decoder_bias if report else None
         if frozen is not None:
             getattr(self.dictionary, frozen).requires_grad_(False)
         scales = self.dictionary.learning_rate_scales
@@ -552,11 +448,16 @@ class _Member:
         for name, p in self.dictionary.named_parameters():
             if name != frozen:
                 groups.setdefault(scales.get(name, 1.0), []).append(p)
+        self.trainable = [p for ps in groups.values() for p in ps]
         self.optimizer = torch.optim.Adam(
             [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()],
             lr=spec.lr,
             fused=True,  # one kernel per parameter: about half the time of the loop on CPU
         )
+        # estimated from batches in training (batchtopk's threshold): averaged over replicas
+        self.float_buffers = [b for b in self.dictionary.buffers() if b.is_floating_point()]
+        self.autocast = autocast
+        self.scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
         self.mse_scale = 1.0 / d_in if report else 1.0
         self.penalty = 0.0 if spec.sparsity == "topk" else spec.l1 / (spec.d_dict if report else 1)
         self.aux_k = (
@@ -590,6 +491,42 @@ class _Member:
         transcoders); `objective` replaces the squared error in the loss (kl, e2e-ds)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
+        precision = torch.autocast(x.device.type, self.autocast) if self.autocast else nullcontext()
+        with precision:
+            out, mse, sparsity, loss = self._losses(x, target, objective)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.replicas is not None:
+            self.replicas.average_gradients(self.trainable)
+        self.dictionary.project_decoder_gradient()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.dictionary.normalize_decoder()
+        with torch.no_grad():
+            fire_counts = self._fire_counts(out.features)
+            l0 = fire_counts.sum() / len(x)
+            if self.replicas is not None:
+                self.replicas.average(self.float_buffers)
+                fire_counts = self.replicas.sum(fire_counts)
+            self.resampler.observe(x, fire_counts)
+            self.totals += torch.stack([mse.detach(), sparsity.detach(), l0, loss.detach()]).float()
+        self.count += 1
+        self.tokens += len(x) * self.world
+
+    def _losses(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        objective: Callable[[], torch.Tensor] | None,
+    ) -> tuple[TrainingForward, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The forward pass, squared error, S(f) and the loss of one step."""
         if self.spec.noise_std:
             noise = torch.randn(x.shape, generator=self.generator, device=x.device)
             out = self.dictionary.training_forward(x + self.spec.noise_std * noise)
@@ -608,18 +545,16 @@ class _Member:
                 residual = (target - out.x_hat).detach()
                 aux_loss = (residual - aux).pow(2).sum(-1).mean()
                 loss = loss + self.spec.aux_coefficient * self.mse_scale * aux_loss
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.dictionary.project_decoder_gradient()
-        self.optimizer.step()
-        self.dictionary.normalize_decoder()
-        with torch.no_grad():
-            fire_counts = self._fire_counts(out.features)
-            self.resampler.observe(x, fire_counts)
-            l0 = fire_counts.sum() / len(x)
-            self.totals += torch.stack([mse.detach(), sparsity.detach(), l0, loss.detach()])
-        self.count += 1
-        self.tokens += len(x)
+        return out, mse, sparsity, loss
+
+    def resample(self, x: torch.Tensor) -> None:
+        """Re-initialise the wasted latents (data parallel: on the global batch, then every
+        replica takes rank 0's weights and Adam state)."""
+        if self.replicas is None:
+            self.resampler.resample(x)
+            return
+        self.resampler.resample(self.replicas.gather_rows(x))
+        self.replicas.broadcast(module_state(self.dictionary, self.optimizer))
 
     def _sparsity(self, out: TrainingForward) -> torch.Tensor:
         """The penalty's S(f) (for the statistics also when there is no penalty: then L1)."""
@@ -637,6 +572,8 @@ class _Member:
 
     def flush_stats(self) -> None:
         if self.count:
+            if self.replicas is not None:
+                self.replicas.average([self.totals])
             self.stats = (self.totals / self.count).cpu()
             self.totals.zero_()
             self.count = 0
@@ -650,6 +587,7 @@ class _Member:
             "count": self.count,
             "stats": self.stats,
             "tokens": self.tokens,
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
             **self.resampler.state(),
         }
 
@@ -659,6 +597,8 @@ class _Member:
         self.generator.set_state(state["generator"])
         self.totals.copy_(state["totals"])
         self.count, self.stats, self.tokens = state["count"], state["stats"], state["tokens"]
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self.resampler.load_state(state)
 
     @torch.no_grad()
@@ -762,10 +702,15 @@ def _input_widths(
     return widths
 
 
-def _activation_scale(batches: list[Batch], key: str) -> float:
-    """The factor s that makes the mean squared norm of s·x equal to d."""
+def _activation_scale(batches: list[Batch], key: str, replicas: Replicas | None = None) -> float:
+    """The factor s that makes the mean squared norm of s·x equal to d (x: every rank's rows)."""
     x = torch.cat([batch[key].float() for batch in batches])
-    mean_square = x.pow(2).sum(-1).mean().item()
+    if replicas is None:
+        mean_square = x.pow(2).sum(-1).mean().item()
+    else:  # a float64 sum, so that the mean does not depend on how the rows are split
+        totals = torch.stack([x.double().pow(2).sum(), torch.tensor(len(x), dtype=torch.float64)])
+        total, rows = replicas.sum(totals.to(x.device)).tolist()
+        mean_square = total / rows
     if not mean_square > 0:
         raise UserInputError(f"cannot normalise {key!r}: its activations are all zero")
     return math.sqrt(x.shape[1] / mean_square)
@@ -777,30 +722,41 @@ def _save_checkpoint(
     specs: list[TrainSpec],
     widths: dict[str, int],
     scales: dict[str, float],
-    stream: _Stream,
-    members: list[_Member],
+    streams: list[dict[str, Any]],
+    members: list[dict[str, Any]],
 ) -> None:
-    """Write the whole training state to a temporary file and rename it over `path`."""
+    """Write the whole training state (`streams`: one per rank; `members`: one per spec) to a
+    temporary file and rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
-        "version": 1,
+        "version": 2,
         "step": step,
         "specs": [asdict(spec) for spec in specs],
         "d_in": widths,
         "scales": scales,
-        "stream": stream.state(),
-        "members": [member.state() for member in members],
+        "streams": streams,
+        "members": members,
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, specs: list[TrainSpec], source: Any) -> dict[str, Any]:
+def _load_checkpoint(
+    path: Path, specs: list[TrainSpec], source: Any, rank: int = 0, world: int = 1
+) -> dict[str, Any]:
+    """The checkpoint's state, its stream state (this rank's) loaded into `source`."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file
         raise UserInputError(f"cannot read checkpoint {path}: {error}") from None
+    if "stream" in state:  # version 1: one process
+        state["streams"] = [state.pop("stream")]
+    if len(state["streams"]) != world:
+        raise UserInputError(
+            f"checkpoint {path} was written by {len(state['streams'])} process(es), not {world}: "
+            "resume with as many, or use another directory"
+        )
     # fields added since a checkpoint was written take their defaults
     defaults = {f.name: f.default for f in fields(TrainSpec) if f.default is not MISSING}
     saved = [{**defaults, **spec} for spec in state.get("specs", [])]
@@ -808,8 +764,9 @@ def _load_checkpoint(path: Path, specs: list[TrainSpec], source: Any) -> dict[st
         raise UserInputError(
             f"checkpoint {path} was written for other TrainSpecs; use another directory"
         )
-    if state["stream"]["source"] is not None and hasattr(source, "load_state_dict"):
-        source.load_state_dict(state["stream"]["source"])
+    stream = state["streams"][rank]
+    if stream["source"] is not None and hasattr(source, "load_state_dict"):
+        source.load_state_dict(stream["source"])
     else:
         warnings.warn("the stream has no saved state: resuming on a fresh stream", stacklevel=3)
     return state
@@ -856,4 +813,4 @@ class _ProgressBar:
             self.progress.stop()
 
 
-__all__ = ["TrainSpec", "learning_rate", "train_dictionaries"]
+__all__ = ["KINDS", "TrainSpec", "learning_rate", "train_dictionaries"]

@@ -22,6 +22,18 @@ def models(model_dirs):
     return {arch: load_model(model_dirs[arch]) for arch in ARCHS}
 
 
+@pytest.fixture(scope="module")
+def lm(model_dirs):
+    """A tiny GPT-NeoX of its own per test module (remote tests attach and detach on it)."""
+    return load_model(model_dirs["gpt_neox"])
+
+
+@pytest.fixture(scope="module")
+def bare(model_dirs):
+    """A second copy of `lm`'s model: the bare server a remote request runs on."""
+    return load_model(model_dirs["gpt_neox"])
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param

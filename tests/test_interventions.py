@@ -229,7 +229,7 @@ def test_patching_curves(models):
     site, width, K = "resid.0", model.config.hidden_size, 4
     sae = random_untied(width, site=site)
     curves = compare_bases(model, task, task, site, sae, max_features=K)
-    assert list(curves) == ["sae", "pca", "neurons", "random"]
+    assert list(curves) == ["sae", "pca_task", "pca_corpus", "neurons", "random"]
     assert attached(model) == {}
     for curve in curves.values():
         assert len(curve.restored) == len(curve.kl) == len(curve.features) == K
@@ -281,7 +281,17 @@ def test_ioi_cli_json_on_embedded_model(capsys):
     assert result["clean_metric"] > result["corrupt_metric"]
     assert list(result["sites"]) == ["resid.2"]
     curves = result["sites"]["resid.2"]
-    assert sorted(curves) == ["neurons", "pca", "random", "sae"]
-    assert all(len(curve) == 3 for curve in curves.values())
+    assert sorted(curves) == ["neurons", "pca_corpus", "pca_task", "random", "sae"]
+    for curve in curves.values():
+        assert curve["ks"] == [1, 2, 3] and len(curve["restored"]) == len(curve["kl"]) == 3
+        assert curve["ceiling"] >= curve["restored"][-1] - 1.0  # a number, the share at K=all
+    assert curves["neurons"]["ceiling"] == pytest.approx(1.0, abs=1e-3)
+    argv = ["ioi", "--site", "resid.2", "--search", "greedy", "--greedy-prompts", "8"]
+    argv += ["--baseline", "pca_corpus", "--threshold", "0.05", "--json"]
+    assert main(argv) == 0
+    greedy = json.loads(capsys.readouterr().out)["sites"]["resid.2"]
+    assert sorted(greedy) == ["pca_corpus", "sae"]
+    assert greedy["sae"]["thresholds"] == [0.05]
+    assert 0 <= greedy["sae"]["kept"][0] <= greedy["sae"]["candidates"]
     assert main(["ioi", "--site", "resid.9", "--json"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -4,13 +4,37 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
+from sae_circuits.greedy_search import GreedyCurve
 from sae_circuits.patching_curves import PatchingCurve
-from sae_circuits.plotting import new_figure, patching_curves
+from sae_circuits.plotting import greedy_curves, new_figure, patching_curves
 from sae_circuits.sites import Site
 
 
 def curve(basis: str) -> PatchingCurve:
-    return PatchingCurve("resid.2", basis, "attribution", [0, 1], [0.4, 0.9], [0.2, 0.1], 2.0, 0.0)
+    return PatchingCurve(
+        "resid.2",
+        basis,
+        "attribution",
+        [0, 1],
+        [1, 2],
+        [0.4, 0.9],
+        [0.2, 0.1],
+        0.95,
+        0.05,
+        2.0,
+        0.0,
+    )
+
+
+def test_greedy_curves_png(tmp_path):
+    results = {
+        Site.parse("resid.2"): {
+            b: GreedyCurve("resid.2", b, [1e-3, 1e-2], [30, 8], [0.01, 0.2], [[], []], 90, 0.002)
+            for b in ("sae", "neurons")
+        }
+    }
+    path = greedy_curves(results, tmp_path / "greedy.png")
+    assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 1000
 
 
 def test_patching_curves_png_leaves_pyplot_alone(tmp_path):

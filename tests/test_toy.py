@@ -13,18 +13,8 @@ import torch.nn.functional as F
 
 from sae_circuits.cli import main
 from sae_circuits.errors import UserInputError
-from sae_circuits.toy import (
-    METHODS,
-    TOY_SPEC,
-    SweepResult,
-    ToyConfig,
-    ToyData,
-    max_cosine,
-    mmcs,
-    select,
-    ssll,
-    sweep,
-)
+from sae_circuits.selection import METHODS, max_cosine, mmcs, ssll
+from sae_circuits.toy import TOY_SPEC, SweepResult, ToyConfig, ToyData, select, sweep
 from sae_circuits.training import TrainSpec
 
 torch.set_num_threads(1)  # tiny tensors: one thread is faster on the shared cores
@@ -171,7 +161,7 @@ def test_cli_reaches_the_report_recipe(monkeypatch, capsys) -> None:
         trained.extend(result.dictionaries)
         return result
 
-    monkeypatch.setattr("sae_circuits.cli.toy_cmd.sweep", recording_sweep)
+    monkeypatch.setattr("sae_circuits.toy.sweep", recording_sweep)
     argv = ["toy", "--h", "8", "--g", "12", "--l1", "0.1", "--ratios", "1", "--steps", "20"]
     assert main([*argv, "--lr", "1e-3", "--decay-start", "1", "--resample-every", "0"]) == 0
     report = trained[-1].config.hyperparameters
@@ -193,7 +183,7 @@ def test_cli_resampling_options(monkeypatch, capsys) -> None:
         specs.append(result.dictionaries[0].config.hyperparameters)
         return result
 
-    monkeypatch.setattr("sae_circuits.cli.toy_cmd.sweep", recording_sweep)
+    monkeypatch.setattr("sae_circuits.toy.sweep", recording_sweep)
     argv = ["toy", "--h", "8", "--g", "12", "--l1", "0.1", "--ratios", "1", "--steps", "40"]
     argv += ["--dead-window", "10", "--resample-every", "20"]
     assert main(argv) == 0

@@ -9,11 +9,11 @@ simulator), `llm` (explainer and judge over the client), `scoring` (the scores),
 JSON results), `interpret` (all of it for a list of units).
 """
 
-from sae_circuits.autointerp.bases import BASES, build_basis
+from sae_circuits.autointerp.bases import build_basis
 from sae_circuits.autointerp.cache import ResultCache
 from sae_circuits.autointerp.client import ChatClient, ChatError
 from sae_circuits.autointerp.contexts import Record, UnitContexts, sample_units, unit_contexts
-from sae_circuits.autointerp.interpret import Settings, interpret, summarize
+from sae_circuits.autointerp.interpret import interpret, summarize
 from sae_circuits.autointerp.llm import LLMExplainer, LLMJudge
 from sae_circuits.autointerp.offline import OfflineExplainer, OfflineSimulator
 from sae_circuits.autointerp.prompts import Example, ResponseError
@@ -23,6 +23,7 @@ from sae_circuits.autointerp.scoring import (
     pearson,
     score_explanation,
 )
+from sae_circuits.autointerp_settings import BASES, Settings
 
 __all__ = [
     "BASES",

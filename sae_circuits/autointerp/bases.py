@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from sae_circuits.autointerp_settings import BASES
 from sae_circuits.batches import TokenBatch, split_batch
 from sae_circuits.buffer import harvest
 from sae_circuits.dictionary import Dictionary, LinearBasis
@@ -15,7 +16,6 @@ from sae_circuits.errors import UserInputError
 from sae_circuits.protocols import Model
 from sae_circuits.sites import Site
 
-BASES = ("sae", "neurons", "pca")
 PCA_TOKENS = 8192
 
 

@@ -10,13 +10,13 @@ error; a failed request (`ChatError`) stops the run, after the finished units ar
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sae_circuits.autointerp.cache import ResultCache
 from sae_circuits.autointerp.contexts import UnitContexts, unit_contexts
 from sae_circuits.autointerp.prompts import Message, ResponseError, prompt_hash
 from sae_circuits.autointerp.scoring import SCORES, Judge, mean_interval, score_explanation
+from sae_circuits.autointerp_settings import Settings
 from sae_circuits.batches import TokenBatch
 from sae_circuits.dictionary import Dictionary
 from sae_circuits.nodes import Node
@@ -33,18 +33,6 @@ class Explainer(Protocol):
     def explain(self, contexts: UnitContexts) -> str: ...
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Contexts per unit (`n_top` top ones, half explained and half held out; `n_random` random),
-    the active-token `threshold` (share of the unit's maximum), the `seed` of every random choice."""
-
-    n_top: int = 20
-    n_random: int = 20
-    threshold: float = 0.3
-    seed: int = 0
-    batch_size: int = 32
-
-
 def interpret(
     model: Model,
     site: str | Site,
@@ -55,12 +43,13 @@ def interpret(
     explainer: Explainer,
     judge: Judge | None = None,
     cache: ResultCache | None = None,
-    settings: Settings = Settings(),
+    settings: Settings | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """The result of each unit: explanation (or error) and, with a `judge`, its scores."""
     site = Site.parse(site)
     cache = cache or ResultCache(None)
+    settings = settings or Settings()
     all_contexts = unit_contexts(
         model,
         site,

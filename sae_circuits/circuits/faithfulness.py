@@ -20,6 +20,7 @@ from sae_circuits.circuits import patching as P
 from sae_circuits.engine import TaskLike
 from sae_circuits.nodes import METRIC, Node
 from sae_circuits.protocols import Model
+from sae_circuits.remote import Remote
 from sae_circuits.sites import Site
 from sae_circuits.splice import attached
 
@@ -31,9 +32,11 @@ def faithfulness_curve(
     sizes: Iterable[int],
     sites: Sequence[str | Site] | None = None,
     max_rows: int = 256,
+    remote: Remote = False,
 ) -> list[dict[str, float]]:
     """Faithfulness of the top-n nodes of `ranking` (nodes or their ids, best first) for each n in
-    `sizes` (and n = 0): `[{"nodes": n, "faithfulness": f, "metric": m(C)}, ...]`."""
+    `sizes` (and n = 0): `[{"nodes": n, "faithfulness": f, "metric": m(C)}, ...]`. `remote` (True:
+    NDIF, "local": nnsight's simulation) runs each forward as a request."""
     sites = list(attached(model)) if sites is None else sorted({Site.parse(s) for s in sites})
     ranking = [Node.parse(node) for node in ranking]
     inputs = engine.task_tokens(model, task)
@@ -45,11 +48,13 @@ def faithfulness_curve(
             "unchanged; use more prompts per template",
             stacklevel=2,
         )
-    clean = engine.read(model, inputs.clean, sites, inputs.metric)
+    clean = engine.read(model, inputs.clean, sites, inputs.metric, remote=remote)
     means = engine.mean_per_position(clean, inputs.mask, inputs.groups)
     sizes = sorted(set(sizes) | {0})
     circuits = [ranking[:n] for n in sizes]
-    metrics = P.mean_ablated_metric(model, inputs, sites, means, circuits, max_rows).tolist()
+    metrics = P.mean_ablated_metric(
+        model, inputs, sites, means, circuits, max_rows, remote
+    ).tolist()
     empty, full = metrics[0], float(clean.metric.mean())
     if abs(full - empty) <= 1e-6 * max(1.0, abs(full)):
         warnings.warn(
@@ -71,7 +76,10 @@ def faithfulness(
     task: TaskLike,
     nodes: Iterable[str | Node],
     sites: Sequence[str | Site] | None = None,
+    remote: Remote = False,
 ) -> float:
-    """Faithfulness of the circuit made of `nodes` (ids like `resid.2/17`, `resid.2/error`)."""
+    """Faithfulness of the circuit made of `nodes` (ids like `resid.2/17`, `resid.2/error`);
+    `remote` as for `faithfulness_curve`."""
     nodes = [n for n in nodes if n != METRIC]
-    return faithfulness_curve(model, task, nodes, [len(nodes)], sites)[-1]["faithfulness"]
+    curve = faithfulness_curve(model, task, nodes, [len(nodes)], sites, remote=remote)
+    return curve[-1]["faithfulness"]

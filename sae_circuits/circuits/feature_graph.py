@@ -19,6 +19,7 @@ import nnsight
 import torch
 
 from sae_circuits.batches import from_rows, trace_inputs
+from sae_circuits.carried import assigned
 from sae_circuits.circuits.graph import Circuit, add_edge, add_node, verification
 from sae_circuits.errors import UserInputError
 from sae_circuits.features.collect import FeatureStats, collect
@@ -26,8 +27,9 @@ from sae_circuits.models import is_embedded
 from sae_circuits.nodes import Node
 from sae_circuits.progress import progress_bar
 from sae_circuits.protocols import Model
+from sae_circuits.remote import Remote, spliced_sites
 from sae_circuits.sites import Site
-from sae_circuits.splice import attached, spliced
+from sae_circuits.splice import attached
 from sae_circuits.text import default_documents, token_batches
 
 Parents = list[tuple[int, float, float]]  # (upstream feature, exact drop, estimated drop)
@@ -44,10 +46,13 @@ def feature_circuit(
     contexts: int = 8,
     max_rows: int = 256,
     progress: bool = True,
+    remote: Remote = False,
 ) -> Circuit:
     """The tree of upstream features of `target` (`"<site>/<feature>"`, a dictionary spliced there
     and at the sites below), built by exact ablation on its top `contexts` contexts among `tokens`
-    tokens of `documents` (default: the embedded model's held-out text, or a built-in sample)."""
+    tokens of `documents` (default: the embedded model's held-out text, or a built-in sample).
+    `remote` (True: NDIF, "local": nnsight's simulation) runs every forward as a request that
+    carries the dictionaries."""
     root = Node.parse(target)
     site, feature = root.site, root.feature
     if feature is None:
@@ -72,7 +77,14 @@ def feature_circuit(
     parents: dict[Node, Parents] = {}
     for level, here in enumerate(chain):
         stats = collect(
-            model, here, attached(model)[here], batches, frontier, contexts, progress=progress
+            model,
+            here,
+            attached(model)[here],
+            batches,
+            frontier,
+            contexts,
+            progress=progress,
+            remote=remote,
         )
         for j, f in enumerate(frontier):
             _add_feature(graph, model, here, f, stats, j)
@@ -81,7 +93,9 @@ def feature_circuit(
         below = chain[level + 1]
         with progress_bar(f"ablating at {below}", len(frontier), enabled=progress) as bar:
             for j, f in enumerate(frontier):
-                parents[Node(here, f)] = _parents(model, here, below, f, stats, j, top_k, max_rows)
+                parents[Node(here, f)] = _parents(
+                    model, here, below, f, stats, j, top_k, max_rows, remote
+                )
                 bar.advance(0)
         frontier = sorted({u for f in frontier for u, _, _ in parents[Node(here, f)]})
         if not frontier:
@@ -149,6 +163,7 @@ def _parents(
     j: int,
     top_k: int,
     max_rows: int,
+    remote: Remote,
 ) -> Parents:
     """The `top_k` features at `below` whose zero-ablation changes `feature` most (mean drop over
     its top contexts), with the gradient estimate of each drop."""
@@ -159,9 +174,13 @@ def _parents(
     ids, mask = from_rows(rows)
     inputs = trace_inputs(ids, mask)
     at = torch.arange(n)
-    with model.trace(inputs) as tracer:
-        upstream = spliced(model, below).features.output
-        target = spliced(model, site).features.output[at, positions, feature]
+    with (
+        spliced_sites(model, [below, site], remote, through_last=True) as (order, (u, t)),
+        model.trace(inputs, remote=remote) as tracer,
+    ):
+        seen = [spliced_site.apply() for spliced_site in order]
+        upstream = seen[u][0]
+        target = seen[t][0][at, positions, feature]
         (grad,) = torch.autograd.grad(target.sum(), [upstream])
         saved = nnsight.save([upstream.detach(), target.detach(), grad.detach()])
         tracer.stop()
@@ -171,7 +190,7 @@ def _parents(
     candidates = active.nonzero().flatten()
     estimate = (grad * upstream).sum((0, 1)) / n
     exact = _ablation_drops(
-        model, site, below, feature, inputs, positions, base, candidates, max_rows
+        model, site, below, feature, inputs, positions, base, candidates, max_rows, remote
     )
     order = exact.abs().argsort(descending=True)[:top_k]
     return [
@@ -191,6 +210,7 @@ def _ablation_drops(
     base: torch.Tensor,
     candidates: torch.Tensor,
     max_rows: int,
+    remote: Remote,
 ) -> torch.Tensor:
     """(len(candidates),) mean drop of the target when each candidate is zero-ablated."""
     n = len(positions)
@@ -200,13 +220,18 @@ def _ablation_drops(
         for chunk in candidates.split(per_trace):
             k = len(chunk)
             rows = torch.arange(k * n)
-            with model.trace({key: v.repeat(k, 1) for key, v in inputs.items()}) as tracer:
-                hook = spliced(model, below)
-                f = hook.features.output.clone()
-                f[rows, :, chunk.repeat_interleave(n)] = 0
-                hook.features.output = f
-                value = spliced(model, site).features.output[rows, positions.repeat(k), feature]
-                value = value.save()
+            ablate = assigned((rows, slice(None), chunk.repeat_interleave(n)), 0.0)
+            at = positions.repeat(k)
+            copies = {key: v.repeat(k, 1) for key, v in inputs.items()}
+            with (
+                spliced_sites(model, [below, site], remote, through_last=True) as (order, (u, t)),
+                model.trace(copies, remote=remote) as tracer,
+            ):
+                seen = [
+                    spliced_site.apply(ablate if i == u else None)
+                    for i, spliced_site in enumerate(order)
+                ]
+                value = seen[t][0][rows, at, feature].save()
                 tracer.stop()
             drops.append((base.repeat(k) - value).view(k, n).mean(1))
     return torch.cat(drops) if drops else torch.zeros(0)

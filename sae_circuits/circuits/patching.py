@@ -5,23 +5,28 @@ numbers of one site's nodes are a `NodeValues`: a vector of the site's features 
 error term, indexed by `Node`; this module is the only place that knows that layout. Metrics are
 means over the task's prompts; gradients are of that mean. Candidates and circuits are stacked as
 copies of the prompts, so one forward serves many of them.
+
+Every trace body is written once for local and remote runs (`remote=`: True for NDIF, "local" for
+nnsight's simulation): it sees the sites through `remote.spliced_sites` and references only
+envoys, tensors, plain values and `sae_circuits.carried`, so that it can travel in a request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import nnsight
 import torch
 
+from sae_circuits.carried import assigned, replaced, summed
 from sae_circuits.engine import SiteEdit, TaskTokens, Values, edited
 from sae_circuits.errors import UserInputError
 from sae_circuits.nodes import Node
 from sae_circuits.progress import progress_bar
 from sae_circuits.protocols import Model
+from sae_circuits.remote import Remote, portable_metric, spliced_sites, vocabulary_size
 from sae_circuits.sites import Site
-from sae_circuits.splice import spliced
 
 
 @dataclass(frozen=True)
@@ -49,15 +54,34 @@ class NodeValues:
 
 def _summed(site: Site, features: torch.Tensor, error: torch.Tensor) -> NodeValues:
     """Sum `(B, T, F)` and `(B, T, D)` products over rows and positions into node values."""
-    return NodeValues(site, torch.cat([features.sum((0, 1)), error.sum().reshape(1)]))
+    return NodeValues(site, summed(features, error))
 
 
-def gradients(model: Model, task: TaskTokens, sites: Sequence[Site]) -> Values:
+def _metric(
+    model: Model, task: TaskTokens, remote: Remote
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The task's metric as a trace body applies it to the `(n, T, V)` logits of its prompts: the
+    task's own function here, a pure-torch graph in a request."""
+    if not remote:
+        return task.metric
+    metric = portable_metric(task.metric, (len(task), task.corrupt.length, vocabulary_size(model)))
+    if metric is None:
+        raise UserInputError("a remote circuit needs a task metric that torch.fx can trace")
+    return metric
+
+
+def gradients(
+    model: Model, task: TaskTokens, sites: Sequence[Site], remote: Remote = False
+) -> Values:
     """Gradients of the mean metric w.r.t. every site's features and error, at the corrupted input."""
-    with model.trace(task.corrupt.inputs()):
-        hooks = [spliced(model, s) for s in sites]
-        tensors = [t for h in hooks for t in (h.features.output, h.error.output)]
-        total = task.metric(model.output.logits).float().mean()
+    metric = _metric(model, task, remote)
+    with (
+        spliced_sites(model, sites, remote) as (order, places),
+        model.trace(task.corrupt.inputs(), remote=remote),
+    ):
+        seen = [site.apply() for site in order]
+        tensors = [t for i in places for t in seen[i][:2]]
+        total = metric(model.output.logits).float().mean()
         grads = nnsight.save([g.detach() for g in torch.autograd.grad(total, tensors)])
     return Values(
         {s: grads[2 * i] for i, s in enumerate(sites)},
@@ -72,11 +96,13 @@ def integrated_gradients(
     clean: Values,
     corrupt: Values,
     steps: int,
+    remote: Remote = False,
 ) -> Values:
     """Gradients averaged over `steps` points corrupt + α (clean − corrupt), α = 0, 1/steps, ...,
     each site interpolated on its own (the other sites respond freely); one trace per site."""
     alphas = torch.arange(steps, dtype=torch.float32) / steps
     n = len(task)
+    metric = _metric(model, task, remote)
     out = Values()
     for site in sites:
         rows = alphas.repeat_interleave(n).to(task.mask.device)[:, None, None]
@@ -84,14 +110,19 @@ def integrated_gradients(
         e0 = corrupt.errors[site].repeat(steps, 1, 1)
         df = clean.features[site].repeat(steps, 1, 1) - f0
         de = clean.errors[site].repeat(steps, 1, 1) - e0
-        with model.trace(task.corrupt.repeat(steps).inputs()):
+        with (
+            spliced_sites(model, [site], remote) as (order, (place,)),
+            model.trace(task.corrupt.repeat(steps).inputs(), remote=remote),
+        ):
             f = (f0 + rows * df).requires_grad_(True)
             e = (e0 + rows * de).requires_grad_(True)
-            hook = spliced(model, site)
-            hook.features.output = f
-            hook.error.output = e
+            for i, spliced_site in enumerate(order):
+                if i == place:
+                    spliced_site.apply(replaced(f), replaced(e))
+                else:
+                    spliced_site.apply()
             logits = model.output.logits
-            total = torch.stack([task.metric(part).float().mean() for part in logits.chunk(steps)])
+            total = torch.stack([metric(part).float().mean() for part in logits.chunk(steps)])
             grads = nnsight.save([g.detach() for g in torch.autograd.grad(total.sum(), [f, e])])
         out.features[site] = grads[0].view(steps, n, *f0.shape[1:]).mean(0)
         out.errors[site] = grads[1].view(steps, n, *e0.shape[1:]).mean(0)
@@ -124,6 +155,7 @@ def edge_attribution(
     corrupt: Values,
     grads: Values,
     downstream: Sequence[Node],
+    remote: Remote = False,
 ) -> dict[Node, NodeValues]:
     """For each downstream node (at site D): the estimate of its edges from every node of the
     previous site U, the gradient of D's linearised effect Σ grad · value w.r.t. U's nodes times
@@ -133,35 +165,42 @@ def edge_attribution(
     if not jobs:
         return {}
     needed = sorted({node.site for node in jobs} | {previous[node.site] for node in jobs})
-    with model.trace(task.corrupt.inputs()) as tracer:
-        live = {}
-        for s in needed:
-            hook = spliced(model, s)
-            live[s] = (hook.features.output, hook.error.output)
-        results = []
-        for node in jobs:
-            f_d, e_d = live[node.site]
-            if node.is_error:
-                linear = (grads.errors[node.site] * e_d).sum()
-            else:
-                linear = (
-                    grads.features[node.site][..., node.feature] * f_d[..., node.feature]
-                ).sum()
-            u = previous[node.site]
-            if linear.requires_grad:
-                g_f, g_e = torch.autograd.grad(
-                    linear, live[u], retain_graph=True, allow_unused=True, materialize_grads=True
-                )
-            else:  # a feature inactive everywhere: no path back
-                g_f, g_e = torch.zeros_like(live[u][0]), torch.zeros_like(live[u][1])
-            effect = _summed(
-                u,
-                g_f * (clean.features[u] - corrupt.features[u]),
-                g_e * (clean.errors[u] - corrupt.errors[u]),
-            )
-            results.append(effect.values.detach())
-        results = nnsight.save(results)
-        tracer.stop()
+    with spliced_sites(model, needed, remote, through_last=True) as (order, places):
+        at = dict(zip(needed, places, strict=True))
+        # what the body reads, by position in `order`, and per job: (D, feature or -1, U)
+        gradient = {at[s]: (grads.features[s], grads.errors[s]) for s in needed}
+        change = {
+            at[s]: (clean.features[s] - corrupt.features[s], clean.errors[s] - corrupt.errors[s])
+            for s in needed
+        }
+        plan = [
+            (at[node.site], -1 if node.is_error else node.feature, at[previous[node.site]])
+            for node in jobs
+        ]
+        with model.trace(task.corrupt.inputs(), remote=remote) as tracer:
+            seen = [site.apply()[:2] for site in order]
+            results = []
+            for d, feature, u in plan:
+                f_d, e_d = seen[d]
+                g_df, g_de = gradient[d]
+                if feature < 0:
+                    linear = (g_de * e_d).sum()
+                else:
+                    linear = (g_df[..., feature] * f_d[..., feature]).sum()
+                if linear.requires_grad:
+                    g_f, g_e = torch.autograd.grad(
+                        linear,
+                        seen[u],
+                        retain_graph=True,
+                        allow_unused=True,
+                        materialize_grads=True,
+                    )
+                else:  # a feature inactive everywhere: no path back
+                    g_f, g_e = torch.zeros_like(seen[u][0]), torch.zeros_like(seen[u][1])
+                df, de = change[u]
+                results.append(summed(g_f * df, g_e * de).detach())
+            results = nnsight.save(results)
+            tracer.stop()
     return {
         node: NodeValues(previous[node.site], values)
         for node, values in zip(jobs, results, strict=True)
@@ -187,10 +226,12 @@ def exact_patching(
     candidates: Sequence[Node],
     max_rows: int = 256,
     progress: bool = True,
+    remote: Remote = False,
 ) -> PatchResult:
     """Patch each candidate's clean value (at every position) into the corrupted run, alone.
     Candidates are stacked as copies of the prompts, `max_rows // n_prompts` per forward."""
     per_trace = max(1, max_rows // len(task))
+    metric = _metric(model, task, remote)
     metric_changes: list[torch.Tensor] = []
     downstream: list[NodeValues | None] = []
     with (
@@ -199,7 +240,7 @@ def exact_patching(
     ):
         for start in range(0, len(candidates), per_trace):
             chunk = list(candidates[start : start + per_trace])
-            m, down = _patch_chunk(model, task, sites, clean, corrupt, grads, chunk)
+            m, down = _patch_chunk(model, task, sites, clean, corrupt, grads, chunk, metric, remote)
             metric_changes.append(m - corrupt.metric.mean())
             downstream.extend(down)
             bar.advance(0, len(chunk))
@@ -214,6 +255,8 @@ def _patch_chunk(
     corrupt: Values,
     grads: Values,
     chunk: list[Node],
+    metric: Callable[[torch.Tensor], torch.Tensor],
+    remote: Remote,
 ) -> tuple[torch.Tensor, list[NodeValues | None]]:
     """One forward of `len(chunk)` copies of the corrupted prompts, copy c with node `chunk[c]`
     patched: the mean metric per copy, and the linearised effects at each patched node's next site.
@@ -221,40 +264,34 @@ def _patch_chunk(
     Patching writes single feature columns by index (not `engine.edited`'s full masks), which keeps
     memory at one copy of the features for hundreds of candidates."""
     k, n = len(chunk), len(task)
-    batch_rows = torch.arange(n, device=task.mask.device)
     following = dict(zip(sites[:-1], sites[1:], strict=True))
     measured = {following[node.site] for node in chunk if node.site in following}
-    with model.trace(task.corrupt.repeat(k).inputs()):
-        linear = {}
-        for site in sites:
-            hook = spliced(model, site)
+    with spliced_sites(model, sites, remote) as (order, places):
+        # per position in `order`: the features' and the error's edit, and the gradients of
+        # the linearised effects to measure there (None: no edit, nothing measured)
+        plan: list[tuple] = [(None, None, None)] * len(order)
+        for site, place in zip(sites, places, strict=True):
             here = [(c, node) for c, node in enumerate(chunk) if node.site == site]
-            f = hook.features.output
-            if site in measured:
-                linear[site] = (f.view(k, n, *f.shape[1:]) * grads.features[site]).sum((1, 2))
-            features = [(c, node.feature) for c, node in here if not node.is_error]
-            if features:
-                rows = torch.cat([c * n + batch_rows for c, _ in features])
-                idx = torch.tensor([i for _, i in features], device=rows.device)
-                idx = idx.repeat_interleave(n)
-                f = f.clone()
-                f[rows, :, idx] = clean.features[site][rows % n, :, idx]
-                hook.features.output = f
-            e = hook.error.output
-            if site in measured:
-                err = (e.view(k, n, *e.shape[1:]) * grads.errors[site]).sum((1, 2, 3))
-                linear[site] = torch.cat([linear[site], err[:, None]], 1)
-            errors = [c for c, node in here if node.is_error]
-            if errors:
-                rows = torch.cat([c * n + batch_rows for c in errors])
-                e = e.clone()
-                e[rows] = clean.errors[site][rows % n]
-                hook.error.output = e
-        logits = model.output.logits
-        m = nnsight.save(
-            torch.stack([task.metric(part).float().mean() for part in logits.chunk(k)])
-        )
-        linear = nnsight.save(linear)
+            plan[place] = (
+                _feature_patch(here, clean.features[site], n),
+                _error_patch(here, clean.errors[site], n),
+                (grads.features[site], grads.errors[site]) if site in measured else None,
+            )
+        with model.trace(task.corrupt.repeat(k).inputs(), remote=remote):
+            linear = []
+            for spliced_site, (features, error, gradient) in zip(order, plan, strict=True):
+                f, e, _ = spliced_site.apply(features, error)
+                if gradient is None:
+                    linear.append(None)
+                    continue
+                g_f, g_e = gradient
+                effect = (f.view(k, n, *f.shape[1:]) * g_f).sum((1, 2))
+                err = (e.view(k, n, *e.shape[1:]) * g_e).sum((1, 2, 3))
+                linear.append(torch.cat([effect, err[:, None]], 1))
+            logits = model.output.logits
+            m = nnsight.save(torch.stack([metric(part).float().mean() for part in logits.chunk(k)]))
+            linear = nnsight.save(linear)
+    measured_at = dict(zip(sites, places, strict=True))
     down: list[NodeValues | None] = []
     for c, node in enumerate(chunk):
         d = following.get(node.site)
@@ -262,8 +299,33 @@ def _patch_chunk(
             down.append(None)
             continue
         base = node_linear(grads, corrupt, d).values
-        down.append(NodeValues(d, linear[d][c] - base))
+        down.append(NodeValues(d, linear[measured_at[d]][c] - base))
     return m, down
+
+
+def _feature_patch(
+    here: list[tuple[int, Node]], clean: torch.Tensor, n: int
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The edit writing each feature node's clean column into its copy (None: no feature here)."""
+    features = [(c, node.feature) for c, node in here if not node.is_error]
+    if not features:
+        return None
+    batch_rows = torch.arange(n, device=clean.device)
+    rows = torch.cat([c * n + batch_rows for c, _ in features])
+    idx = torch.tensor([i for _, i in features], device=rows.device).repeat_interleave(n)
+    return assigned((rows, slice(None), idx), clean[rows % n, :, idx])
+
+
+def _error_patch(
+    here: list[tuple[int, Node]], clean: torch.Tensor, n: int
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The edit writing the clean error term into the copies of error nodes (None: none here)."""
+    errors = [c for c, node in here if node.is_error]
+    if not errors:
+        return None
+    batch_rows = torch.arange(n, device=clean.device)
+    rows = torch.cat([c * n + batch_rows for c in errors])
+    return assigned(rows, clean[rows % n])
 
 
 def mean_ablated_metric(
@@ -273,6 +335,7 @@ def mean_ablated_metric(
     means: Values,
     circuits: Sequence[Iterable[Node]],
     max_rows: int = 256,
+    remote: Remote = False,
 ) -> torch.Tensor:
     """(len(circuits),) mean metric on the clean prompts with, at every site, the nodes outside
     each circuit set to their mean (`means`: per prompt, e.g. `engine.mean_per_position`)."""
@@ -282,7 +345,7 @@ def mean_ablated_metric(
     out = []
     for start in range(0, len(keeps), per_trace):
         copies = [_ablation_edits(keep, means) for keep in keeps[start : start + per_trace]]
-        metric = edited(model, task.clean, copies, task.metric).metric
+        metric = edited(model, task.clean, copies, task.metric, remote=remote).metric
         out.append(metric.mean(1))
     return torch.cat(out)
 

@@ -23,14 +23,15 @@ from sae_circuits.circuits import patching as P
 from sae_circuits.circuits.faithfulness import faithfulness_curve
 from sae_circuits.circuits.graph import Circuit, add_edge, add_metric_node, add_node, verification
 from sae_circuits.circuits.labels import top_tokens
+from sae_circuits.circuits.methods import METHODS
 from sae_circuits.engine import TaskLike, TaskTokens, Values
 from sae_circuits.errors import UserInputError
 from sae_circuits.nodes import METRIC, Node
 from sae_circuits.protocols import Model
+from sae_circuits.remote import Remote
 from sae_circuits.sites import Site
 from sae_circuits.splice import attached
 
-METHODS = ("attribution", "ablation")
 DEFAULT_SIZES = (5, 10, 20, 50, 100, 200)
 
 
@@ -47,6 +48,7 @@ def task_circuit(
     sizes: Sequence[int] | None = DEFAULT_SIZES,
     max_rows: int = 256,
     progress: bool = True,
+    remote: Remote = False,
 ) -> Circuit:
     """The circuit of `task` over the dictionaries spliced into `model` at `sites` (default: all).
 
@@ -54,7 +56,8 @@ def task_circuit(
     first); edges between kept nodes with |weight| >= `edge_threshold`. `steps > 1` uses integrated
     gradients for node attribution. `verify` measures the kept nodes and edges both ways (exact and
     gradient). `sizes`: circuit sizes (top-n nodes by |effect|) of the faithfulness curve; None
-    skips it. Effects are in units of the task metric (mean over prompts).
+    skips it. Effects are in units of the task metric (mean over prompts). `remote` (True: NDIF,
+    "local": nnsight's simulation) runs every forward as a request that carries the dictionaries.
     """
     if method not in METHODS:
         raise UserInputError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -64,11 +67,13 @@ def task_circuit(
     inputs = engine.task_tokens(model, task)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    clean = engine.read(model, inputs.clean, sites, inputs.metric)
-    corrupt = engine.read(model, inputs.corrupt, sites, inputs.metric)
-    grads = P.gradients(model, inputs, sites)
+    clean = engine.read(model, inputs.clean, sites, inputs.metric, remote=remote)
+    corrupt = engine.read(model, inputs.corrupt, sites, inputs.metric, remote=remote)
+    grads = P.gradients(model, inputs, sites, remote)
     node_grads = (
-        grads if steps == 1 else P.integrated_gradients(model, inputs, sites, clean, corrupt, steps)
+        grads
+        if steps == 1
+        else P.integrated_gradients(model, inputs, sites, clean, corrupt, steps, remote)
     )
     attribution = {s: P.node_attribution(node_grads, clean, corrupt, s) for s in sites}
     timings["attribution_nodes_s"] = time.perf_counter() - start
@@ -79,7 +84,7 @@ def task_circuit(
         start = time.perf_counter()
         candidates = _candidates(clean, corrupt, sites)
         result = P.exact_patching(
-            model, inputs, sites, clean, corrupt, grads, candidates, max_rows, progress
+            model, inputs, sites, clean, corrupt, grads, candidates, max_rows, progress, remote
         )
         exact_nodes = {c: float(v) for c, v in zip(candidates, result.metric, strict=True)}
         exact_down = dict(zip(candidates, result.downstream, strict=True))
@@ -93,12 +98,14 @@ def task_circuit(
     if method == "attribution" or verify:
         start = time.perf_counter()
         downstream = sorted(node for node in kept if node.site != sites[0])
-        edge_attr = P.edge_attribution(model, inputs, sites, clean, corrupt, grads, downstream)
+        edge_attr = P.edge_attribution(
+            model, inputs, sites, clean, corrupt, grads, downstream, remote
+        )
         timings["attribution_edges_s"] = time.perf_counter() - start
     if method == "attribution" and verify:
         start = time.perf_counter()
         result = P.exact_patching(
-            model, inputs, sites, clean, corrupt, grads, kept, max_rows, progress
+            model, inputs, sites, clean, corrupt, grads, kept, max_rows, progress, remote
         )
         exact_nodes = {c: float(v) for c, v in zip(kept, result.metric, strict=True)}
         exact_down = dict(zip(kept, result.downstream, strict=True))
@@ -128,7 +135,9 @@ def task_circuit(
         start = time.perf_counter()
         ranking = _ranked(scores)
         grid = sorted({n for n in sizes if n < len(ranking)} | {len(kept), len(ranking)})
-        report["faithfulness"] = faithfulness_curve(model, task, ranking, grid, sites, max_rows)
+        report["faithfulness"] = faithfulness_curve(
+            model, task, ranking, grid, sites, max_rows, remote
+        )
         timings["faithfulness_s"] = time.perf_counter() - start
     graph.graph.update(method=method, metric_clean=m_clean, metric_corrupt=m_corrupt)
     return Circuit(graph, report)

@@ -19,6 +19,10 @@ from sae_circuits.errors import UserInputError
 COMMANDS = {
     "demo": ("demo_cmd", "a one-minute tour on the embedded model"),
     "train": ("train_cmd", "train dictionaries on a model's activations"),
+    "harvest": (
+        "harvest_cmd",
+        "harvest activations once into shards that train --from-shards reads",
+    ),
     "eval": ("eval_cmd", "evaluate dictionaries spliced into a model"),
     "ioi": (
         "ioi_cmd",
@@ -28,6 +32,10 @@ COMMANDS = {
     "inspect": (
         "inspect_cmd",
         "inspect a feature (contexts, histogram, logit effects) or a dictionary's frequencies",
+    ),
+    "select": (
+        "select_cmd",
+        "choose dictionary size and sparsity on a model (dead features, SSLL, MMCS)",
     ),
     "toy": (
         "toy_cmd",
@@ -45,6 +53,7 @@ COMMANDS = {
         "explain_cmd",
         "score explanations (simulation, detection, fuzzing); mean and 95%% CI per basis",
     ),
+    "export": ("export_cmd", "write a dictionary in SAELens or sparsify format"),
 }
 
 

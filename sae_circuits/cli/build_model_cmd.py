@@ -7,9 +7,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from sae_circuits.cli.common import add_json_argument, print_json, print_result
+from sae_circuits.cli.common import add_json_argument, print_json, print_result, wrote
 from sae_circuits.errors import UserInputError
-from sae_circuits.models import EMBEDDED_MODEL_NAME, embedded_model_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from sae_circuits.embedded.build import build_model
     from sae_circuits.embedded.evaluate import QUALITY_BAR
+    from sae_circuits.models import EMBEDDED_MODEL_NAME, embedded_model_path
 
     if args.seed < 0:
         raise UserInputError(f"--seed must be >= 0, got {args.seed}")
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         "out": str(out),
         **record,
     }
+    wrote(out)
     if args.json:
         print_json(result)
         return 0

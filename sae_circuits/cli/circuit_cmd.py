@@ -1,33 +1,32 @@
 """`sae-circuits circuit`: feature circuits for a task (attribution or exact patching) or rooted at a
 feature (recursive exact ablation), verified, with faithfulness, written as JSON/GraphML/DOT/PNG and
-as an interactive page (`--html`)."""
+as an interactive page (`--html`); `--remote [local]` runs its forwards as NDIF requests."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sae_circuits.circuits import METHODS, feature_circuit, task_circuit
-from sae_circuits.circuits.export import node_link
+from sae_circuits.circuits.methods import METHODS
 from sae_circuits.cli.common import (
     add_json_argument,
     add_model_argument,
+    add_remote_argument,
+    model_from_args,
     print_json,
     print_result,
     wrote,
 )
-from sae_circuits.cli.tables import circuit_table, feature_tree
-from sae_circuits.dictionary import CONFIG_FILE, Dictionary, load_dictionaries
+from sae_circuits.constants import TASKS
 from sae_circuits.errors import UserInputError
-from sae_circuits.models import is_embedded, load_model
 from sae_circuits.nodes import Node
-from sae_circuits.protocols import Model
 from sae_circuits.sites import Site, SiteMap
-from sae_circuits.splice import attach, detach
-from sae_circuits.tasks import TASKS, Task, load_task
-from sae_circuits.text import default_documents, read_documents, token_batches
-from sae_circuits.views import circuit_view, node_reports, write_page
+
+if TYPE_CHECKING:
+    from sae_circuits.protocols import Model
+    from sae_circuits.tasks import Task
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--html FILE writes a page that opens offline: the circuit by layer (pan/zoom, hover "
             "for effects, a slider pruning edges by |weight|); clicking a node opens its top "
             "contexts and logit effects, found on --text (or the held-out text) with --contexts, "
-            "--tokens and --ctx-len."
+            "--tokens and --ctx-len. --remote sends every forward of the discovery to NDIF "
+            "(--remote local: nnsight's simulation of a request, here), the dictionaries inside "
+            "each request."
         ),
     )
     add_model_argument(parser)
@@ -92,12 +93,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="also write the interactive page of the circuit, with a feature panel per node",
     )
+    add_remote_argument(parser)
     add_json_argument(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, device=args.device)
+    from sae_circuits.circuits import feature_circuit, task_circuit
+    from sae_circuits.circuits.export import node_link
+    from sae_circuits.cli.tables import circuit_table, feature_tree
+    from sae_circuits.models import is_embedded
+    from sae_circuits.remote import check_remote
+    from sae_circuits.splice import attach, detach
+    from sae_circuits.text import default_documents, read_documents, token_batches
+    from sae_circuits.views import circuit_view, node_reports, write_page
+
+    model = model_from_args(args)
+    check_remote(model, args.remote)
     progress = not args.json
     if args.task:
         dictionaries = circuit_dictionaries(args.dictionaries, args.sites, args.device)
@@ -113,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             verify=not args.no_verify,
             sizes=args.sizes,
             progress=progress,
+            remote=args.remote,
         )
         name = "circuit_" + Path(args.task).stem
     else:
@@ -135,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
             ctx_len=args.ctx_len,
             contexts=args.contexts,
             progress=progress,
+            remote=args.remote,
         )
         name = "circuit_" + target.id.replace("/", "_")
     files = circuit.save(args.out, name) if args.out else []
@@ -144,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
             read_documents(args.text) if args.text else default_documents(is_embedded(model))
         )
         batches = token_batches(model.tokenizer, documents, args.ctx_len, 16, args.tokens)
-        reports = node_reports(model, circuit, dictionaries, batches, args.contexts, progress)
+        reports = node_reports(
+            model, circuit, dictionaries, batches, args.contexts, progress, args.remote
+        )
         files.append(write_page(circuit_view(circuit, reports, name), args.html))
     if args.json:
         print_json({**circuit.summary(files), "graph": node_link(circuit.graph)})
@@ -157,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _task(args: argparse.Namespace, model: Model) -> Task:
+    from sae_circuits.tasks import Task, load_task
+
     if Path(args.task).suffix == ".json":
         return Task.from_json(args.task, model)
     return load_task(args.task, model, corruption=args.corruption, n=args.prompts)
@@ -164,6 +182,8 @@ def _task(args: argparse.Namespace, model: Model) -> Task:
 
 def circuit_dictionaries(source: str, sites: Sequence[str | Site] | None, device: str) -> SiteMap:
     """Dictionaries at `sites` (default: the resid sites) from a shipped set or a folder."""
+    from sae_circuits.dictionary import CONFIG_FILE, Dictionary, load_dictionaries
+
     folder = Path(source)
     if folder.is_dir():
         present = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())

@@ -124,13 +124,52 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """--model, --device and --dtype: the model a command runs (see `model_from_args`)."""
     parser.add_argument(
         "--model",
         default=None,
         help="local model folder or hub name (default: the embedded model shipped with the package)",
     )
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        type=_device_name,
+        help="torch device: cpu, cuda, cuda:N (default: cpu; under torchrun, cuda is each "
+        "process's own GPU)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="precision of the model's and the dictionaries' computations: bfloat16 and float16 "
+        "run them under torch.autocast, the weights staying float32 (default: float32)",
+    )
+
+
+def _device_name(text: str) -> str:
+    """--device: a device torch knows and this machine has (checked before anything loads)."""
+    if text == "cpu":
+        return text
+    from sae_circuits.models import checked_device
+
+    try:
+        checked_device(text)
+    except UserInputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def model_from_args(args: argparse.Namespace) -> Any:
+    """The model of `add_model_argument`'s options, on this process's device."""
+    from sae_circuits.distributed import local_device
+    from sae_circuits.models import AUTOCAST_DTYPES, load_model
+
+    device = local_device(args.device)
+    return load_model(args.model, device=device, autocast=AUTOCAST_DTYPES.get(args.dtype))
 
 
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
@@ -221,6 +260,19 @@ def text_batches(args: argparse.Namespace, model: Any) -> Iterator[Any]:
     return token_batches(model.tokenizer, documents, args.ctx_len, args.batch_size, args.tokens)
 
 
+def add_training_data_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the activations a training run reads (train, select): batch, contexts,
+    training text, held-out tokens, checkpoints."""
+    parser.add_argument("--batch-size", type=int, default=1024, help="activations per step")
+    parser.add_argument("--ctx-len", type=int, default=128)
+    parser.add_argument("--n-ctxs", type=int, default=256, help="contexts held in the buffer")
+    parser.add_argument("--text", help=".txt/.jsonl training text (default: the model's corpus)")
+    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for eval")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=500, help="steps between checkpoints"
+    )
+
+
 def load_dictionary_argument(args: argparse.Namespace) -> tuple[Site, Dictionary]:
     """The (site, dictionary) named by --dictionary/--dictionaries and --site (text or a Site)."""
     from sae_circuits.dictionary import Dictionary, load_dictionaries
@@ -230,10 +282,35 @@ def load_dictionary_argument(args: argparse.Namespace) -> tuple[Site, Dictionary
             raise UserInputError("--dictionaries needs --site")
         site = Site.parse(args.site)
         return site, load_dictionaries(args.dictionaries, sites=[site], device=args.device)[site]
-    dictionary = Dictionary.load(args.dictionary, device=args.device)
+    dictionary = Dictionary.load(args.dictionary, device=args.device, site=args.site)
     site = args.site or dictionary.config.site
     if not site:
         raise UserInputError(
             f"{args.dictionary} does not name a site in our grammar; pass --site (e.g. resid.2)"
         )
     return Site.parse(site), dictionary
+
+
+def add_remote_argument(parser: argparse.ArgumentParser) -> None:
+    """--remote: run the model's traces on NDIF (`--remote`) or through nnsight's local
+    simulation of a request (`--remote local`); `args.remote` is False, True or "local"."""
+    parser.add_argument(
+        "--remote",
+        nargs="?",
+        const="ndif",
+        default=False,
+        type=_remote_option,
+        metavar="local",
+        help="run on NDIF (needs an API key in nnsight's config, NDIF_API_KEY, and a model NDIF "
+        "hosts, by hub id); '--remote local' serialises each request and runs it here as a "
+        "server would. The dictionaries travel inside each request",
+    )
+
+
+def _remote_option(text: str) -> bool | str:
+    from sae_circuits.remote import parse_remote
+
+    try:
+        return parse_remote(text)
+    except UserInputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error

@@ -7,9 +7,8 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sae_circuits.circuits import Circuit, task_circuit
 from sae_circuits.cli.common import (
     add_json_argument,
     json_text,
@@ -18,19 +17,11 @@ from sae_circuits.cli.common import (
     print_result,
     wrote,
 )
-from sae_circuits.cli.tables import circuit_table, metrics_table, restore_table
-from sae_circuits.dictionary import load_dictionaries
-from sae_circuits.evaluation import METRIC_KEYS, evaluate
-from sae_circuits.interventions import run as run_task
-from sae_circuits.models import load_model
 from sae_circuits.nodes import METRIC, Node
-from sae_circuits.patching_curves import compare_bases
-from sae_circuits.plotting import patching_curves
 from sae_circuits.sites import Site
-from sae_circuits.splice import attach, detach
-from sae_circuits.tasks import load_task
-from sae_circuits.text import default_documents, token_batches
-from sae_circuits.views import circuit_view, feature_view, node_reports, write_page
+
+if TYPE_CHECKING:
+    from sae_circuits.circuits import Circuit
 
 QUALITY_SITES = (Site.parse("resid.1"), Site.parse("mlp.1"))
 PATCH_SITE = Site.parse("resid.2")
@@ -66,6 +57,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _tour(args: argparse.Namespace) -> dict[str, Any]:
     """Run and show the tour's five steps; the `demo.json` document."""
+    from sae_circuits.circuits import task_circuit
+    from sae_circuits.cli.tables import circuit_table, metrics_table, restore_table
+    from sae_circuits.dictionary import load_dictionaries
+    from sae_circuits.evaluation import METRIC_KEYS, evaluate
+    from sae_circuits.interventions import run as run_task
+    from sae_circuits.models import load_model
+    from sae_circuits.patching_curves import compare_bases
+    from sae_circuits.plotting import patching_curves
+    from sae_circuits.splice import attach, detach
+    from sae_circuits.tasks import load_task
+    from sae_circuits.text import default_documents, token_batches
+    from sae_circuits.views import circuit_view, feature_view, node_reports, write_page
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

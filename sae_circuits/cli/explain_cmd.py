@@ -15,33 +15,20 @@ from typing import Any
 
 from rich.table import Table
 
-from sae_circuits.autointerp import (
-    BASES,
-    SCORES,
-    ChatClient,
-    LLMExplainer,
-    LLMJudge,
-    OfflineExplainer,
-    OfflineSimulator,
-    ResultCache,
-    Settings,
-    build_basis,
-    interpret,
-    sample_units,
-    summarize,
-)
+from sae_circuits.autointerp_settings import BASES, Settings
 from sae_circuits.cli.common import (
     add_dictionary_source,
     add_json_argument,
     add_model_argument,
     add_text_options,
     load_dictionary_argument,
+    model_from_args,
     print_json,
     print_result,
     text_batches,
+    wrote,
 )
 from sae_circuits.errors import UserInputError
-from sae_circuits.models import load_model
 from sae_circuits.nodes import Node
 from sae_circuits.sites import Site
 
@@ -112,7 +99,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a token is active above this share of the unit's maximum (default %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    parser.add_argument("--out", metavar="DIR", help="cache folder: one JSON per unit, resumable")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="cache folder: one JSON per unit, DIR/<basis>/<site>/<unit>.json; a rerun resumes",
+    )
     llm = parser.add_argument_group("LLM endpoint (OpenAI-compatible chat completions)")
     llm.add_argument("--llm-url", help="e.g. http://localhost:8000/v1 (vLLM), :11434/v1 (Ollama)")
     llm.add_argument("--llm-model", help="model name the endpoint serves")
@@ -143,6 +134,8 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def run_score(args: argparse.Namespace) -> int:
+    from sae_circuits.autointerp import summarize
+
     results = _run(args, scoring=True)
     summary = summarize(results)
     if args.json:
@@ -154,6 +147,9 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, scoring: bool) -> list[dict[str, Any]]:
+    """Explain (and with `scoring`, score) the units `args` name; a `wrote` line per cache file."""
+    from sae_circuits.autointerp import ResultCache, build_basis, interpret, sample_units
+
     site, feature = _target(args.target)
     if (feature is None) == (args.features is None):
         raise UserInputError("name one feature (e.g. resid.2/359) or pass SITE with --features N")
@@ -171,7 +167,7 @@ def _run(args: argparse.Namespace, scoring: bool) -> list[dict[str, Any]]:
     if not args.dictionary and not args.dictionaries:
         args.dictionaries = "main"
     site, dictionary = load_dictionary_argument(args)
-    model = load_model(args.model, device=args.device)
+    model = model_from_args(args)
     batches = list(text_batches(args, model))
     if not batches:
         raise UserInputError("the text gave no context of --ctx-len tokens")
@@ -196,6 +192,8 @@ def _run(args: argparse.Namespace, scoring: bool) -> list[dict[str, Any]]:
         results += interpret(
             model, site, name, basis, batches, units, explainer, judge, cache, settings
         )
+        if args.out:
+            wrote(*(cache.path(name, site, unit) for unit in units))
     return results
 
 
@@ -209,6 +207,14 @@ def _target(text: str) -> tuple[Site, int | None]:
 
 
 def _explainer_and_judge(args: argparse.Namespace, scoring: bool) -> tuple[Any, Any]:
+    from sae_circuits.autointerp import (
+        ChatClient,
+        LLMExplainer,
+        LLMJudge,
+        OfflineExplainer,
+        OfflineSimulator,
+    )
+
     default = "llm" if args.llm_url else "offline"
     who_explains = args.explainer or default
     who_scores = (getattr(args, "simulator", None) or default) if scoring else None
@@ -242,6 +248,8 @@ def _document(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[s
 
 
 def _units_table(results: list[dict[str, Any]], scored: bool) -> Table:
+    from sae_circuits.autointerp import SCORES
+
     table = Table(title="explanations" + (" and scores" if scored else ""))
     table.add_column("unit")
     table.add_column("basis")
@@ -258,6 +266,8 @@ def _units_table(results: list[dict[str, Any]], scored: bool) -> Table:
 
 
 def _summary_table(summary: dict[str, dict[str, dict[str, Any]]]) -> Table:
+    from sae_circuits.autointerp import SCORES
+
     table = Table(title="mean score ± 95% confidence interval (n units)")
     table.add_column("basis")
     for name in SCORES:

@@ -12,19 +12,18 @@ from sae_circuits.cli.common import (
     add_dictionary_source,
     add_json_argument,
     add_model_argument,
+    add_remote_argument,
     add_text_options,
     load_dictionary_argument,
+    model_from_args,
     print_json,
     print_result,
     text_batches,
     wrote,
 )
 from sae_circuits.errors import UserInputError
-from sae_circuits.features import compare_with_neurons, feature_frequencies, inspect_features
-from sae_circuits.models import load_model
 from sae_circuits.nodes import Node
 from sae_circuits.sites import Site
-from sae_circuits.views import dictionary_view, feature_view, write_page
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="also write an interactive page (a feature, or for a SITE the dictionary view)",
     )
+    add_remote_argument(parser)
     add_json_argument(parser)
     parser.set_defaults(run=run)
 
@@ -97,12 +97,15 @@ def run(args: argparse.Namespace) -> int:
             f"feature {feature} is out of range: the dictionary at {site} has features "
             f"0..{dictionary.d_dict - 1}"
         )
-    model = load_model(args.model, device=args.device)
+    from sae_circuits.features import compare_with_neurons, feature_frequencies, inspect_features
+    from sae_circuits.views import dictionary_view, feature_view, write_page
+
+    model = model_from_args(args)
     batches = text_batches(args, model)
     total = math.ceil(args.tokens / (args.ctx_len * args.batch_size))
     if args.vs_neurons:
         result = compare_with_neurons(
-            model, site, dictionary, batches, args.top_k, total_batches=total
+            model, site, dictionary, batches, args.top_k, total_batches=total, remote=args.remote
         )
         if args.json:
             print_json({"site": site, "top_k": args.top_k, **result})
@@ -111,12 +114,25 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if feature is None:
         report = feature_frequencies(
-            model, site, dictionary, batches, total_batches=total, top_k=args.top_k
+            model,
+            site,
+            dictionary,
+            batches,
+            total_batches=total,
+            top_k=args.top_k,
+            remote=args.remote,
         )
         view = dictionary_view(report) if args.html else None
     else:
         (report,) = inspect_features(
-            model, site, dictionary, batches, [feature], args.top_k, total_batches=total
+            model,
+            site,
+            dictionary,
+            batches,
+            [feature],
+            args.top_k,
+            total_batches=total,
+            remote=args.remote,
         )
         view = feature_view(report) if args.html else None
     written = {"png": str(report.save_png(args.png))} if args.png else {}

@@ -9,6 +9,7 @@ from rich.tree import Tree
 
 from sae_circuits.circuits import Circuit
 from sae_circuits.evaluation import METRIC_KEYS
+from sae_circuits.greedy_search import GreedyCurve
 from sae_circuits.patching_curves import PatchingCurve
 from sae_circuits.plotting import GAP_SHARES
 from sae_circuits.sites import Site
@@ -26,13 +27,13 @@ def metrics_table(results: Mapping[Site, Mapping[str, float]]) -> Table:
 
 
 def restore_table(curves: Mapping[Site, Mapping[str, PatchingCurve]], max_features: int) -> Table:
-    """Per site and basis: the k needed to restore each of `GAP_SHARES` of the gap, and the end of
-    the curve."""
+    """Per site and basis: the k needed to restore each of `GAP_SHARES` of the gap, the end of the
+    curve and its ceiling (every direction patched)."""
     table = Table(title="directions patched to restore the IOI gap (- : not within K)")
     shares = [f"k for {share:.0%}" for share in GAP_SHARES]
-    for column in ("site", "basis", *shares, f"restored at K={max_features}"):
+    for column in ("site", "basis", *shares, f"restored at K={max_features}", "KL at K"):
         table.add_column(column, justify="left" if column in ("site", "basis") else "right")
-    table.add_column("KL at K", justify="right")
+    table.add_column("ceiling", justify="right")
     for site, by_basis in curves.items():
         for name, curve in by_basis.items():
             ks = [curve.k_to_restore(share) for share in GAP_SHARES]
@@ -42,6 +43,31 @@ def restore_table(curves: Mapping[Site, Mapping[str, PatchingCurve]], max_featur
                 *(str(k) if k is not None else "-" for k in ks),
                 f"{curve.restored[-1]:.3g}",
                 f"{curve.kl[-1]:.3g}",
+                f"{curve.ceiling:.3g}",
+            )
+        table.add_section()
+    return table
+
+
+def greedy_table(results: Mapping[Site, Mapping[str, GreedyCurve]]) -> Table:
+    """Per site and basis: the directions the greedy search kept and the KL to the corrupted
+    output, at each threshold."""
+    table = Table(title="greedy search: directions kept / KL(corrupted || patched)")
+    table.add_column("site")
+    table.add_column("basis")
+    table.add_column("candidates", justify="right")
+    table.add_column("all patched: KL", justify="right")
+    thresholds = next(iter(next(iter(results.values())).values())).thresholds
+    for threshold in thresholds:
+        table.add_column(f"t={threshold:g}", justify="right")
+    for site, by_basis in results.items():
+        for name, curve in by_basis.items():
+            table.add_row(
+                str(site),
+                name,
+                str(curve.candidates),
+                f"{curve.start_kl:.3g}",
+                *(f"{kept} / {kl:.3g}" for kept, kl in zip(curve.kept, curve.kl, strict=True)),
             )
         table.add_section()
     return table

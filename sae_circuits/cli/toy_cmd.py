@@ -8,8 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from rich.table import Table
 
 from sae_circuits.cli.common import (
@@ -20,20 +18,8 @@ from sae_circuits.cli.common import (
     wrote,
 )
 from sae_circuits.options import field_help, option_values
-from sae_circuits.toy import (
-    DEFAULT_L1S,
-    DEFAULT_RATIOS,
-    DEFAULT_STEPS,
-    HEATMAPS,
-    TOY_SPEC,
-    SweepResult,
-    ToyConfig,
-    ToyData,
-    plot_heatmaps,
-    select,
-    sweep,
-)
-from sae_circuits.training import TrainSpec
+from sae_circuits.selection_defaults import DEFAULT_L1S, DEFAULT_RATIOS, DEFAULT_STEPS, TOY_SPEC
+from sae_circuits.train_spec import TrainSpec
 
 # TrainSpec fields set by options of their own name (the grid spans --l1 and --ratios)
 SPEC_OPTIONS = (
@@ -47,11 +33,6 @@ SPEC_OPTIONS = (
     "recipe",
     "seed",
 )
-METHOD_TITLES = {
-    "dead": "largest (size, L1) without dead features",
-    "ssll": "smallest SSLL",
-    "mmcs_larger": "largest MMCS vs larger dictionaries",
-}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -105,11 +86,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sae_circuits import toy
+    from sae_circuits.cli.grid_tables import grid_table
+
     torch.set_num_threads(args.threads)
     options = option_values(args, SPEC_OPTIONS)
     options["resample_every"] = options["resample_every"] or None
-    data = ToyData(ToyConfig(h=args.h, g=args.g, n_active=args.n_active, seed=args.seed))
-    result = sweep(
+    data = toy.ToyData(toy.ToyConfig(h=args.h, g=args.g, n_active=args.n_active, seed=args.seed))
+    result = toy.sweep(
         data,
         l1s=args.l1,
         ratios=args.ratios,
@@ -117,19 +103,29 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         template=replace(TOY_SPEC, **options),
     )
-    selected = select(result)
+    selected = toy.select(result)
     document = {"grid": result.rows(), "selected": selected}
     if args.json:
         print_json(document)
     else:
         print_result(
-            *(_matrix_table(result, name, title) for name, title in HEATMAPS.items()),
+            *(
+                grid_table(
+                    title,
+                    getattr(result, name),
+                    result.ratios,
+                    result.l1s,
+                    "size / G \\ α",
+                    integer=name == "dead",
+                )
+                for name, title in toy.HEATMAPS.items()
+            ),
             _selection_table(selected),
             f"{len(result.dictionaries)} dictionaries, {result.steps} steps: "
             f"{result.seconds:.0f} s",
         )
     if args.out is not None:
-        paths = plot_heatmaps(result, args.out)
+        paths = toy.plot_toy_heatmaps(result, args.out)
         results = args.out / "results.json"
         tmp = results.with_name(results.name + ".tmp")
         tmp.write_text(
@@ -141,24 +137,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cell(name: str, value: float) -> str:
-    if not np.isfinite(value):
-        return "–"
-    return f"{value:.0f}" if name == "dead" else f"{value:.3f}"
-
-
-def _matrix_table(result: SweepResult, name: str, title: str) -> Table:
-    table = Table(title=title)
-    table.add_column("size / G \\ α", justify="right")
-    for l1 in result.l1s:
-        table.add_column(f"{l1:g}", justify="right")
-    values = getattr(result, name)
-    for r, ratio in enumerate(result.ratios):
-        table.add_row(f"{ratio:g}", *(_cell(name, v) for v in values[r]))
-    return table
-
-
 def _selection_table(selected: dict[str, dict[str, Any]]) -> Table:
+    from sae_circuits.selection import METHOD_TITLES
+
     table = Table(title="choosing (size, L1) without ground truth")
     for column in ("method", "size / G", "α", "ground-truth MMCS"):
         table.add_column(column)

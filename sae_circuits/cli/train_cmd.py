@@ -8,25 +8,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.table import Table
 
 from sae_circuits.cli.common import (
     add_json_argument,
     add_model_argument,
     add_spec_options,
+    add_training_data_options,
+    model_from_args,
     print_json,
     print_result,
+    wrote,
 )
-from sae_circuits.dictionary import Dictionary
 from sae_circuits.errors import UserInputError
-from sae_circuits.evaluation import METRIC_KEYS
-from sae_circuits.models import is_embedded, load_model
 from sae_circuits.options import field_help, option_values
-from sae_circuits.pipeline import train_and_evaluate
 from sae_circuits.sites import Site
-from sae_circuits.text import default_documents, read_documents, training_documents
-from sae_circuits.training import TrainSpec
+from sae_circuits.train_spec import TrainSpec
 
 # The defaults of `train`, where they differ from TrainSpec's: a shorter warm-up and dead window.
 TRAIN_DEFAULTS = TrainSpec(key="", warmup_steps=200, dead_window=500)
@@ -67,11 +64,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "OUT/.checkpoint, removed once the run succeeds. A warm-up that would not end within "
             "the run is clipped to a tenth of it, with a warning. "
             "With --loss kl or e2e-ds the dictionaries train through the spliced model on "
-            "token contexts (about --batch-size tokens per step) instead of shuffled activations."
+            "token contexts (about --batch-size tokens per step) instead of shuffled activations. "
+            "--from-shards trains on activations written by `harvest` instead of running the "
+            "model. Launched by torchrun (torchrun --nproc-per-node N --no-python sae-circuits "
+            "train ...), the N processes train data-parallel: each harvests its share of every "
+            "batch of --batch-size activations, and rank 0 alone evaluates and writes (see "
+            "docs/scaling.md)."
         ),
     )
     add_model_argument(parser)
-    parser.add_argument("--site", action="append", required=True, help="site (repeatable)")
+    parser.add_argument(
+        "--site",
+        action="append",
+        help="site (repeatable; required, except with --from-shards: then every harvested site)",
+    )
     parser.add_argument(
         "--target-site",
         action="append",
@@ -90,15 +96,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         help=f"{field_help(TrainSpec, 'l1')} (repeatable; default {TRAIN_DEFAULTS.l1:g})",
     )
-    parser.add_argument("--tokens", type=int, default=2_000_000, help="training activations")
-    parser.add_argument("--batch-size", type=int, default=1024, help="activations per step")
-    parser.add_argument("--ctx-len", type=int, default=128)
-    parser.add_argument("--n-ctxs", type=int, default=256, help="contexts held in the buffer")
-    parser.add_argument("--text", help=".txt/.jsonl training text (default: the model's corpus)")
-    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for eval")
     parser.add_argument(
-        "--checkpoint-every", type=int, default=500, help="steps between checkpoints"
+        "--tokens",
+        type=int,
+        help="training activations (default 2000000; with --from-shards: all harvested)",
     )
+    parser.add_argument(
+        "--from-shards",
+        metavar="DIR",
+        help="train on the activations `sae-circuits harvest` wrote to DIR (from this --model)",
+    )
+    parser.add_argument(
+        "--distribute-sites",
+        action="store_true",
+        help="under torchrun: each process trains a share of the dictionaries (balanced by "
+        "size) on the activations all processes harvest, instead of every process holding "
+        "every dictionary",
+    )
+    add_training_data_options(parser)
     parser.add_argument(
         "--keep-checkpoint",
         action="store_true",
@@ -120,10 +135,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    sites = [Site.parse(site) for site in args.site]
+    from sae_circuits.distributed import process_group
+
+    with process_group(args.device):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from sae_circuits.buffer import read_shard_index
+    from sae_circuits.distributed import is_writer
+    from sae_circuits.evaluation import METRIC_KEYS
+    from sae_circuits.models import AUTOCAST_DTYPES, is_embedded
+    from sae_circuits.pipeline import train_and_evaluate
+    from sae_circuits.text import default_documents, read_documents, training_documents
+
+    shards = read_shard_index(args.from_shards) if args.from_shards else None
+    if not args.site and shards is None:
+        raise UserInputError("give --site (or --from-shards)")
+    sites = [Site.parse(site) for site in args.site or shards["sites"]]
     if len(set(sites)) != len(sites):
         raise UserInputError("a site is given twice")
     targets = _target_sites(args, sites)
+    if args.tokens is None:
+        args.tokens = shards["rows"] if shards is not None else 2_000_000
     if args.tokens < args.batch_size:
         raise UserInputError("--tokens must be at least --batch-size")
     if not args.resample_every and (
@@ -148,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         )
         for site, size, l1 in itertools.product(sites, sizes, args.l1 or [TRAIN_DEFAULTS.l1])
     ]
-    model = load_model(args.model, device=args.device)
+    model = model_from_args(args)
     for site in [*sites, *targets.values()]:
         site.resolve(model)
     embedded = is_embedded(model)
@@ -167,7 +203,12 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         storage_dtype=torch.float16 if args.fp16 else None,
         keep_checkpoint=args.keep_checkpoint,
+        shards=Path(args.from_shards) if args.from_shards else None,
+        autocast=AUTOCAST_DTYPES.get(args.dtype),
+        distribute_sites=args.distribute_sites,
     )
+    if not is_writer():
+        return 0
     rows = [
         {
             "path": str(folder),
@@ -183,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         print_json(rows)
     else:
         print_result(results_table(rows))
+    wrote(*(folder for folder, _ in saved))
     return 0
 
 
@@ -199,6 +241,8 @@ def _target_sites(args: argparse.Namespace, sites: list[Site]) -> dict[Site, Sit
 
 def _init_size(folder: str | None) -> int | None:
     """The dictionary size of the --init dictionary (the default --dict-size then)."""
+    from sae_circuits.dictionary import Dictionary
+
     return None if folder is None else Dictionary.load(folder).d_dict
 
 
@@ -208,6 +252,8 @@ def _train_key(metric: str) -> str:
 
 
 def results_table(rows: list[dict[str, Any]]) -> Table:
+    from sae_circuits.evaluation import METRIC_KEYS
+
     columns = ("site", "dict_size", "l1", *(_train_key(k) for k in METRIC_KEYS), "path")
     table = Table(title="trained dictionaries")
     for column in columns:

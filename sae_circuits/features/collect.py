@@ -17,13 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_circuits.batches import TokenBatch, from_rows, scored_positions, split_batch, trace_inputs
+from sae_circuits import engine
+from sae_circuits.batches import TokenBatch, from_rows, scored_positions, split_batch
 from sae_circuits.dictionary import Dictionary
 from sae_circuits.errors import UserInputError
 from sae_circuits.progress import progress_bar
 from sae_circuits.protocols import Model
+from sae_circuits.remote import Remote
 from sae_circuits.sites import Site
-from sae_circuits.splice import spliced, temporarily_attached
+from sae_circuits.splice import temporarily_attached
 
 
 @dataclass
@@ -140,12 +142,14 @@ def collect(
     bins: int = 64,
     progress: bool = True,
     total_batches: int | None = None,
+    remote: Remote = False,
 ) -> FeatureStats:
     """Stream `batches` (token ids `(B, T)` or `(ids, mask)` pairs) through `model` with `dictionary`
     spliced at `site` and collect `FeatureStats`.
 
     `features=None` collects frequencies and top-k activations/tokens for every feature; a list of
     feature indices also keeps top contexts, histograms (`bins`, a power of two) and token mass.
+    `remote` (True: NDIF, "local": nnsight's simulation) runs each batch as a request.
     """
     site = Site.parse(site)
     if bins < 2 or bins & (bins - 1):
@@ -165,10 +169,8 @@ def collect(
     ):
         for batch in batches:
             ids, mask = split_batch(batch)
-            with model.trace(trace_inputs(ids, mask)) as tracer:
-                acts = spliced(model, site).features.output
-                acts = (acts if hook_index is None else acts[..., hook_index]).save()
-                tracer.stop()
+            acts = _features(model, site, ids, mask, remote)
+            acts = acts if hook_index is None else acts[..., hook_index]
             collector.update(acts.float().cpu(), ids.cpu(), mask.cpu())
             bar.advance(0)
     return collector.stats
@@ -181,18 +183,25 @@ def row_activations(
     features: Sequence[int] | torch.Tensor,
     rows: torch.Tensor,
     batch_size: int = 64,
+    remote: Remote = False,
 ) -> torch.Tensor:
     """(n, L, F) activations of `features` at every position of context `rows` (n, L), where -1
     marks pads (`FeatureStats.top_rows`), with `dictionary` spliced at `site`; one trace per
-    `batch_size` rows, each stopped after the site."""
+    `batch_size` rows, each stopped after the site; `remote` as for `collect`."""
     features = torch.as_tensor(features, dtype=torch.long)
     out = [torch.zeros(0, rows.shape[1], len(features))]
     with temporarily_attached(model, {site: dictionary}), torch.no_grad():
         for start in range(0, rows.shape[0], batch_size):
             chunk = rows[start : start + batch_size].long()
-            inputs = trace_inputs(*from_rows(chunk, model.tokenizer.pad_token_id or 0))
-            with model.trace(inputs) as tracer:
-                acts = spliced(model, site).features.output[..., features].save()
-                tracer.stop()
+            ids, mask = from_rows(chunk, model.tokenizer.pad_token_id or 0)
+            acts = _features(model, site, ids, mask, remote)[..., features]
             out.append(acts.float().cpu())
     return torch.cat(out)
+
+
+def _features(
+    model: Model, site: Site, ids: torch.Tensor, mask: torch.Tensor, remote: Remote
+) -> torch.Tensor:
+    """The features at `site` of one batch, in a run stopped after the site."""
+    tokens = engine.Tokens(ids, mask)
+    return engine.read(model, tokens, [site], remote=remote, stop=True).features[site]

@@ -14,9 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sae_circuits import engine
 from sae_circuits.batches import from_rows, trace_inputs
 from sae_circuits.dictionary import Dictionary
+from sae_circuits.engine import SiteEdit
 from sae_circuits.protocols import Model
+from sae_circuits.remote import Remote
 from sae_circuits.sites import Site, architecture_of, torch_module
 from sae_circuits.splice import spliced, temporarily_attached
 
@@ -28,12 +31,22 @@ def ablation_effects(
     feature: int,
     rows: torch.Tensor,
     positions: torch.Tensor,
+    remote: Remote = False,
 ) -> torch.Tensor:
     """(n, V): ablated minus clean logits at `positions` (n,) of context `rows` (n, L), where -1
-    marks pad positions."""
+    marks pad positions. `remote` (True: NDIF, "local": nnsight's simulation) runs it as a
+    request."""
     site = Site.parse(site)
     inputs = trace_inputs(*from_rows(rows, model.tokenizer.pad_token_id or 0))
     at = torch.arange(rows.shape[0])
+    if remote:
+        mask = torch.zeros(dictionary.d_dict, dtype=torch.bool)
+        mask[feature] = True
+        copies = [{}, {site: SiteEdit(features_mask=mask, features_value=0.0)}]
+        tokens = engine.Tokens(inputs["input_ids"], inputs["attention_mask"])
+        with temporarily_attached(model, {site: dictionary}):
+            logits = engine.edited(model, tokens, copies, remote=remote, all_logits=True).logits
+        return (logits[1][at, positions] - logits[0][at, positions]).float().cpu()
     with temporarily_attached(model, {site: dictionary}), torch.no_grad():
         hook = spliced(model, site)
         with model.trace() as tracer:

@@ -20,6 +20,7 @@ from sae_circuits.batches import TokenBatch
 from sae_circuits.dictionary import Dictionary, LinearBasis
 from sae_circuits.features.collect import collect
 from sae_circuits.protocols import Model
+from sae_circuits.remote import Remote
 from sae_circuits.sites import Site
 
 
@@ -52,9 +53,11 @@ def compare_with_neurons(
     top_k: int = 20,
     progress: bool = True,
     total_batches: int | None = None,
+    remote: Remote = False,
 ) -> dict[str, dict[str, float]]:
     """Token and word concentration of the dictionary's features and of the site's neurons, on the
-    same text: `{"features": {...}, "neurons": {...}}` with mean/median over alive units."""
+    same text: `{"features": {...}, "neurons": {...}}` with mean/median over alive units.
+    `remote` as for `collect`."""
     site = Site.parse(site)
     batches = list(batches)
     neurons = LinearBasis.neurons(dictionary.config.output_dim, site=site)
@@ -69,6 +72,7 @@ def compare_with_neurons(
             top_k=top_k,
             progress=progress,
             total_batches=total_batches,
+            remote=remote,
         )
         token = concentration(stats.top_values, stats.top_tokens)
         word = concentration(stats.top_values, classes[stats.top_tokens.clamp_min(0)])

@@ -19,6 +19,7 @@ from sae_circuits.features.collect import FeatureStats, collect, row_activations
 from sae_circuits.features.effects import ablation_effects, direct_effects
 from sae_circuits.nodes import Node
 from sae_circuits.protocols import Model
+from sae_circuits.remote import Remote
 from sae_circuits.sites import Site
 
 
@@ -206,10 +207,12 @@ def inspect_features(
     window: tuple[int, int] = (12, 4),
     progress: bool = True,
     total_batches: int | None = None,
+    remote: Remote = False,
 ) -> list[FeatureReport]:
     """One pass over `batches`, then a report per feature; `effects` adds the ablation effects on
     the top contexts and the direct effects. `n_tokens` tokens per ranked list; `window` = tokens
-    shown (before, after) the activating one."""
+    shown (before, after) the activating one. `remote` (True: NDIF, "local": nnsight's
+    simulation) runs every trace as a request (the direct effects are computed here)."""
     site = Site.parse(site)
     stats = collect(
         model,
@@ -220,6 +223,7 @@ def inspect_features(
         top_k,
         progress=progress,
         total_batches=total_batches,
+        remote=remote,
     )
     text = TokenText(model.tokenizer)
     direct = direct_effects(model, dictionary.decoder_directions[stats.features].detach())
@@ -228,7 +232,7 @@ def inspect_features(
     # Causal models: nothing after the last shown token changes what is read or measured up to it.
     end = int(stats.top_positions[fired].max()) + 1 if fired.any() else 0
     rows = stats.top_rows[fired][:, : end + window[1]] if fired.any() else torch.zeros(0, 0)
-    acts = row_activations(model, site, dictionary, stats.features, rows.long())
+    acts = row_activations(model, site, dictionary, stats.features, rows.long(), remote=remote)
     starts = [0, *fired.sum(1).cumsum(0).tolist()]
     for j, index in enumerate(stats.features.tolist()):
         own = acts[starts[j] : starts[j + 1], :, j]
@@ -236,7 +240,8 @@ def inspect_features(
         if effects and fired[j].any():
             positions = stats.top_positions[j][fired[j]]
             rows = stats.top_rows[j][fired[j], : int(positions.max()) + 1]
-            delta = ablation_effects(model, site, dictionary, index, rows, positions).mean(0)
+            delta = ablation_effects(model, site, dictionary, index, rows, positions, remote)
+            delta = delta.mean(0)
             report.logit_effect_values = delta
             report.logit_effects = _ranked(delta, text, n_tokens)
         if effects and direct is not None:
@@ -329,9 +334,10 @@ def feature_frequencies(
     progress: bool = True,
     total_batches: int | None = None,
     top_k: int = 10,
+    remote: Remote = False,
 ) -> FrequencyReport:
     """Firing frequency of every feature over `batches` (one pass) and the distinct tokens of its
-    `top_k` largest activations, largest first."""
+    `top_k` largest activations, largest first; `remote` as for `collect`."""
     stats = collect(
         model,
         site,
@@ -340,6 +346,7 @@ def feature_frequencies(
         top_k=top_k,
         progress=progress,
         total_batches=total_batches,
+        remote=remote,
     )
     text = TokenText(model.tokenizer)
     top_tokens = []

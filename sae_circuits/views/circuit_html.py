@@ -37,6 +37,7 @@ from sae_circuits.dictionary import Dictionary
 from sae_circuits.features.report import FeatureReport, inspect_features
 from sae_circuits.nodes import METRIC, Node
 from sae_circuits.protocols import Model
+from sae_circuits.remote import Remote
 from sae_circuits.sites import Site
 from sae_circuits.views.feature_html import feature_panel
 
@@ -257,9 +258,11 @@ def node_reports(
     batches: Iterable[TokenBatch],
     top_k: int = 8,
     progress: bool = True,
+    remote: Remote = False,
 ) -> dict[str, FeatureReport]:
     """A `FeatureReport` (contexts, histogram, logit effects) for every feature node of `circuit`
-    whose site has a dictionary in `dictionaries`: one pass over `batches` per site."""
+    whose site has a dictionary in `dictionaries`: one pass over `batches` per site (`remote` as
+    for `inspect_features`)."""
     by_site: dict[Site, list[int]] = {}
     for name in circuit.graph.nodes:
         if name == METRIC:
@@ -282,6 +285,7 @@ def node_reports(
             top_k,
             progress=progress,
             total_batches=len(batches),
+            remote=remote,
         ):
             reports[report.name] = report
     return reports

@@ -2,13 +2,15 @@
 logit effects of ablation and of the decoder direction, firing frequency.
 
 `feature_panel` is the same content as one HTML fragment (no plots): the circuit view shows it
-when a node is clicked.
+when a node is clicked. `worst_view` lists where spliced dictionaries fail: the next-token
+predictions whose CE rises the most (`evaluate(..., worst=N)`).
 """
 
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from bokeh.document import Document
 from bokeh.layouts import column, row
@@ -202,4 +204,34 @@ def feature_view(report: FeatureReport) -> Document:
     )
     document = Document(title=f"feature {report.name}")
     document.add_root(layout)
+    return document
+
+
+def worst_contexts_html(rows: list[dict[str, Any]]) -> str:
+    """The rows of `evaluate(..., worst=N)` as a table, the predicted token highlighted."""
+    largest = max((row["ce_increase"] for row in rows), default=0.0) or 1.0
+    body = "".join(
+        f"<tr><td>{row['ce_increase']:.3f}</td><td>{row['ce_clean']:.3f}</td>"
+        f"<td>{row['batch']}/{row['row']}/{row['position']}</td><td class='sc-ctx'>"
+        f"{_esc(row['before'])}<b style='background:rgba(214,39,40,"
+        f"{max(0.2, min(1.0, row['ce_increase'] / largest)):.2f})' "
+        f"title='[[ ]]: the predicted token'>{_esc(row['token'])}</b>{_esc(row['after'])}"
+        "</td></tr>"
+        for row in rows
+    )
+    return (
+        "<table class='sc-worst'><tr><th>ΔCE (nats)</th><th>CE clean</th>"
+        f"<th>batch/row/position</th><th>context</th></tr>{body}</table>"
+    )
+
+
+def worst_view(by_site: Mapping[Any, list[dict[str, Any]]]) -> Document:
+    """A page of the predictions each spliced site makes worst, one table per site."""
+    parts = [
+        f"<h3 style='margin:6px 0 2px'>{_esc(str(site))}: largest CE increases when spliced</h3>"
+        f"{worst_contexts_html(rows)}"
+        for site, rows in by_site.items()
+    ]
+    document = Document(title="where the dictionaries fail")
+    document.add_root(column(Div(text=STYLE + "".join(parts), width=1000)))
     return document
