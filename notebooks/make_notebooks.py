@@ -102,7 +102,7 @@ notebook(
         ),
         (
             "code",
-            "import matplotlib.pyplot as plt\nfor name, curve in curves.items():\n    plt.plot(range(1, len(curve.restored) + 1), curve.restored, label=name)\nplt.xlabel('directions patched'); plt.ylabel('share of the IOI gap restored'); plt.legend(); plt.show()",
+            "import matplotlib.pyplot as plt\nfor name, curve in curves.items():\n    plt.plot(curve.ks, curve.restored, label=name)\nplt.xlabel('directions patched'); plt.ylabel('share of the IOI gap restored'); plt.legend(); plt.show()",
         ),
     ],
 )
@@ -117,7 +117,7 @@ notebook(
         ("code", SETUP),
         (
             "code",
-            "from sae_circuits import load_model, load_dictionaries, attach, detach, load_task\nfrom sae_circuits.circuits import task_circuit, feature_circuit\n\nmodel = load_model()\nsites = [f'resid.{layer}' for layer in range(4)]\nattach(model, load_dictionaries('main', sites=sites))\ntask = load_task('ioi', model, 'swap', 20 if QUICK else 32, 0, 'heldout')  # name swap: node scores see the name features",
+            "from sae_circuits import load_model, load_dictionaries, attach, detach, load_task\nfrom sae_circuits.circuits import task_circuit, feature_circuit\n\nmodel = load_model()\nlayers = model.config.num_hidden_layers\nsites = [f'resid.{layer}' for layer in range(layers)]\nattach(model, load_dictionaries('main', sites=sites))\ntask = load_task('ioi', model, 'swap', 20 if QUICK else 32, 0, 'heldout')  # name swap: node scores see the name features",
         ),
         (
             "code",
@@ -133,7 +133,7 @@ notebook(
         ),
         (
             "code",
-            "top = max((n for n in g if n.startswith('resid.3/') and not n.endswith('/error')), key=lambda n: abs(g.nodes[n].get('effect', 0)), default=None)\nif top is not None:\n    tree = feature_circuit(model, top, depth=1, top_k=3, tokens=4096 if QUICK else 32768, progress=False)\n    print(tree.summary())\ndetach(model)",
+            "top = max((n for n in g if n.startswith(f'resid.{layers - 1}/') and not n.endswith('/error')), key=lambda n: abs(g.nodes[n].get('effect', 0)), default=None)\nif top is not None:\n    tree = feature_circuit(model, top, depth=1, top_k=3, tokens=4096 if QUICK else 32768, progress=False)\n    print(tree.summary())\ndetach(model)",
         ),
     ],
 )

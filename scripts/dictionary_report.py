@@ -24,14 +24,13 @@ from sae_circuits.sites import SiteMap
 from sae_circuits.text import default_documents
 
 COLUMNS = [
-    ("mse", "MSE", "{:.2e}"),
-    ("l1", "L1", "{:.2f}"),
     ("l0", "L0", "{:.1f}"),
-    ("frac_alive", "% alive", "{:.1%}"),
-    ("fve", "FVE", "{:.3f}"),
-    ("loss_recovered", "% loss recovered", "{:.1%}"),
-    ("kl", "KL", "{:.4f}"),
     ("ce_delta", "CE increase", "{:.4f}"),
+    ("kl", "KL", "{:.4f}"),
+    ("fve", "FVE", "{:.3f}"),
+    ("frac_alive", "% alive", "{:.1%}"),
+    ("frac_dense", "% dense", "{:.1%}"),
+    ("loss_recovered_mean", "% loss recovered (mean abl.)", "{:.1%}"),
 ]
 
 
@@ -73,18 +72,25 @@ def table(set_name: str, dictionaries) -> list[str]:
     lines = [
         f"### Set `{set_name}`",
         "",
-        "| site | size | L1 coef. | " + " | ".join(header for _, header, _ in COLUMNS) + " |",
-        "| --- " * (3 + len(COLUMNS)) + "|",
+        "| site | kind | size | k / L1 | " + " | ".join(header for _, header, _ in COLUMNS) + " |",
+        "| --- " * (4 + len(COLUMNS)) + "|",
     ]
     for site, d in dictionaries.items():
         metrics = d.config.metrics
         cells = [fmt.format(metrics[key]) for key, _, fmt in COLUMNS]
         lines.append(
-            f"| {site} | {d.d_dict} | {d.config.hyperparameters['l1']:g} | "
+            f"| {site} | {d.kind} | {d.d_dict} | {_sparsity(d.config.hyperparameters)} | "
             + " | ".join(cells)
             + " |"
         )
     return lines
+
+
+def _sparsity(hyperparameters: dict) -> str:
+    """k for top-k dictionaries, else the L1 coefficient."""
+    if hyperparameters.get("sparsity") == "topk":
+        return f"k={hyperparameters['k']}"
+    return f"L1={hyperparameters['l1']:g}"
 
 
 def main() -> None:

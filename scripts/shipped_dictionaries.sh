@@ -5,13 +5,15 @@
 #   bash scripts/shipped_dictionaries.sh          # every stage; rerunning resumes: finished
 #                                                 # dictionaries are skipped, an interrupted train
 #                                                 # command resumes from its OUT/.checkpoint
-#   STAGE=mse bash scripts/shipped_dictionaries.sh   # one stage: mse, kl, transcoders or wide
+#   STAGE=mse bash scripts/shipped_dictionaries.sh   # one stage: mse, kl, kl-resid, transcoders,
+#                                                    # wide or report
 #
 # Recipe (chosen by the Pareto study of docs/training.md on resid.2): top-k dictionaries with
 # AuxK, 1024 latents (4096 in `wide`), activations normalised to mean squared norm d; trained on
 # MSE for MSE_TOKENS, then fine-tuned through the spliced model on the KL of the next-token
-# distributions for KL_TOKENS (error term zeroed; `--loss kl --init`). k = 32 on the residual
-# stream (quality bar: L0 <= 32) and 64 on attention and MLP outputs (bar: L0 <= 64).
+# distributions for KL_TOKENS (error term zeroed; `--loss kl --init`); residual dictionaries still
+# above the CE bar continue for up to KL_RESID_ROUNDS x KL_RESID_TOKENS more. k = 32 on the
+# residual stream (quality bar: L0 <= 32) and 64 on attention and MLP outputs (bar: L0 <= 64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$(python -c "from sae_circuits.models import EMBEDDED_MODEL_NAME as n; print(n)")
@@ -20,6 +22,8 @@ OUT=${OUT:-dictionaries/$MODEL}
 RUNS=${RUNS:-runs/shipped}
 MSE_TOKENS=${MSE_TOKENS:-2000000}
 KL_TOKENS=${KL_TOKENS:-200000}
+KL_RESID_TOKENS=${KL_RESID_TOKENS:-600000}
+KL_RESID_ROUNDS=${KL_RESID_ROUNDS:-3}
 WIDE_TOKENS=${WIDE_TOKENS:-3000000}
 STAGE=${STAGE:-all}
 COMMON=(--seed 0 --kind topk --batch-size 1024 --warmup-steps 100 --n-ctxs 256 --ctx-len 128
@@ -32,6 +36,9 @@ sites() {  # sites KIND...: KIND.0 ... KIND.(LAYERS-1) for each kind, as --site 
 }
 run() { [[ "$STAGE" == all || "$STAGE" == "$1" ]]; }
 trained() { [[ -f "$1/config.json" ]]; }  # a finished train command saved its config last
+above_bar() {  # above_bar FOLDER: its CE increase (measured by train) is above 0.05 nats
+  python -c "import json, sys; sys.exit(json.load(open(sys.argv[1] + '/config.json'))['metrics']['ce_delta'] <= 0.05)" "$1"
+}
 k_of() { python -c "import json, sys; print(json.load(open(sys.argv[1] + '/config.json'))['k'])" "$1"; }
 
 # 1. MSE + AuxK from scratch (all sites of a k in one pass over the model).
@@ -61,6 +68,26 @@ if run kl; then
     mkdir -p "$OUT/main"
     rm -rf "$OUT/main/$site"
     cp -r "$RUNS/kl/$site" "$OUT/main/$site"
+  done
+fi
+
+# 2b. Residual dictionaries whose CE increase is still above the bar (0.05 nats) continue their KL
+#     fine-tuning in rounds of KL_RESID_TOKENS tokens (each from the previous round's weights), at
+#     most KL_RESID_ROUNDS rounds.
+if run kl-resid; then
+  for ((layer = 0; layer < LAYERS; layer++)); do
+    site=resid.$layer
+    from=$RUNS/kl
+    for ((round = 1; round <= KL_RESID_ROUNDS; round++)); do
+      above_bar "$from/$site" || break
+      to=$RUNS/kl-resid-$round
+      trained "$to/$site" ||
+        sae-circuits train --site "$site" --dict-size 1024 --k 32 --loss kl --init "$from/$site" \
+          --lr 3e-4 --tokens "$KL_RESID_TOKENS" "${COMMON[@]}" --warmup-steps 20 --fp16 --out "$to"
+      from=$to
+    done
+    rm -rf "$OUT/main/$site"
+    cp -r "$from/$site" "$OUT/main/$site"
   done
 fi
 

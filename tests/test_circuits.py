@@ -28,6 +28,7 @@ from sae_circuits.circuits import (
 )
 from sae_circuits.circuits import patching as P
 from sae_circuits.cli import main
+from sae_circuits.errors import UserInputError
 from sae_circuits.sites import Site
 from sae_circuits.testing import save_random_model
 
@@ -208,8 +209,28 @@ def test_faithfulness_with_one_prompt_per_group_is_undefined(wired):
     assert all(math.isnan(point["faithfulness"]) for point in curve)
 
 
-def by_hand(model, task, nodes) -> tuple[float, float, float]:
-    """m(M), m(C), m(∅) with plain torch forward hooks on the Hugging Face model."""
+def test_corrupt_ablation_matches_plain_torch(wired):
+    """With ablation="corrupt" the nodes outside the circuit take their corrupted-run values: the
+    empty circuit is the corrupted run, the full one the clean run, and a partial circuit matches
+    plain torch hooks."""
+    model, task = wired
+    nodes = [f"{UP}/0", f"{DOWN}/error"]
+    curve = faithfulness_curve(model, task, nodes, [2], ablation="corrupt")
+    full, circuit_metric, empty = by_hand(model, task, nodes, ablation="corrupt")
+    corrupted = task.metric(model._module(task.corrupt).logits).mean().item()
+    assert empty == pytest.approx(corrupted, abs=1e-4)
+    assert curve[0]["metric"] == pytest.approx(empty, abs=1e-4)
+    assert curve[1]["metric"] == pytest.approx(circuit_metric, abs=1e-4)
+    assert curve[1]["faithfulness"] == pytest.approx((circuit_metric - empty) / (full - empty))
+    everything = task_circuit(model, task, max_nodes=None, sizes=[], ablation="corrupt")
+    assert everything.report["faithfulness"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(UserInputError, match="unknown ablation"):
+        faithfulness_curve(model, task, nodes, [2], ablation="zero")
+
+
+def by_hand(model, task, nodes, ablation="mean") -> tuple[float, float, float]:
+    """m(M), m(C), m(∅) with plain torch forward hooks on the Hugging Face model; the nodes
+    outside take their per-group means, or with ablation="corrupt" their corrupted-run values."""
     saes = {
         site: model._module.gpt_neox.layers[int(site[-1])].sae.dictionary for site in (UP, DOWN)
     }
@@ -218,7 +239,7 @@ def by_hand(model, task, nodes) -> tuple[float, float, float]:
         site, index = node.split("/")
         keep[site][16 if index == "error" else int(index)] = True
 
-    def metric(mode, means=None):
+    def metric(mode, means=None, prompts=task.clean):
         store = {}
 
         def hook_for(site):
@@ -240,13 +261,18 @@ def by_hand(model, task, nodes) -> tuple[float, float, float]:
         handles = [layers[int(s[-1])].register_forward_hook(hook_for(s)) for s in saes]
         try:
             with torch.no_grad():
-                value = task.metric(model._module(task.clean).logits).mean().item()
+                value = task.metric(model._module(prompts).logits).mean().item()
         finally:
             for handle in handles:
                 handle.remove()
         return value, store
 
     full, store = metric("clean")
+    if ablation == "corrupt":
+        _, corrupted = metric("clean", prompts=task.corrupt)
+        circuit, _ = metric("circuit", corrupted)
+        empty, _ = metric("empty", corrupted)
+        return full, circuit, empty
     labels = getattr(task, "groups", None) or [""] * len(task.clean)
     same = torch.tensor([[a == b for b in labels] for a in labels], dtype=torch.float32)
     same = same / same.sum(1, keepdim=True)  # row b averages the prompts of b's group
@@ -326,7 +352,8 @@ def test_cli_json(tmp_path, feature_circuit_argv):
     with contextlib.redirect_stdout(stdout):
         assert main(argv) == 0
     result = json.loads(stdout.getvalue())
-    assert set(result) == {"nodes", "edges", "faithfulness", "verification", "files", "graph"}
+    keys = {"nodes", "edges", "faithfulness", "faithfulness_ablation", "verification", "files"}
+    assert set(result) == keys | {"graph"}
     assert set(result["verification"]) == {"spearman", "sign_agreement"}
     assert result["nodes"] >= 1 and len(result["files"]) == 4
     ids = [node["id"] for node in result["graph"]["nodes"]]

@@ -89,7 +89,7 @@ def test_module_inputs(path, model_type, site):
     ("name", "model_type"),
     [
         ("EleutherAI/pythia-70m-deduped", "gpt_neox"),
-        ("neox-ioi-4l", "gpt_neox"),
+        ("neox-ioi-6l", "gpt_neox"),
         ("gpt2-small", "gpt2"),
         ("meta-llama/Llama-3.2-1B", "llama"),
         ("Qwen/Qwen2.5-0.5B", "qwen2"),

@@ -119,6 +119,7 @@ class Circuit:
             "nodes": self.graph.number_of_nodes(),
             "edges": self.graph.number_of_edges(),
             "faithfulness": self.report.get("faithfulness", []),
+            "faithfulness_ablation": self.report.get("faithfulness_ablation"),
             "verification": {
                 key: self.report.get("verification", {}).get(key)
                 for key in ("spearman", "sign_agreement")

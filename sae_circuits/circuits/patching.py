@@ -328,23 +328,24 @@ def _error_patch(
     return assigned(rows, clean[rows % n])
 
 
-def mean_ablated_metric(
+def ablated_metric(
     model: Model,
     task: TaskTokens,
     sites: Sequence[Site],
-    means: Values,
+    replacements: Values,
     circuits: Sequence[Iterable[Node]],
     max_rows: int = 256,
     remote: Remote = False,
 ) -> torch.Tensor:
     """(len(circuits),) mean metric on the clean prompts with, at every site, the nodes outside
-    each circuit set to their mean (`means`: per prompt, e.g. `engine.mean_per_position`)."""
-    widths = {s: means.features[s].shape[-1] for s in sites}
+    each circuit set to their `replacements` (per prompt: `engine.mean_per_position`'s means, or
+    the corrupted run's values)."""
+    widths = {s: replacements.features[s].shape[-1] for s in sites}
     keeps = [keep_vectors(nodes, widths) for nodes in circuits]
     per_trace = max(1, max_rows // len(task))
     out = []
     for start in range(0, len(keeps), per_trace):
-        copies = [_ablation_edits(keep, means) for keep in keeps[start : start + per_trace]]
+        copies = [_ablation_edits(keep, replacements) for keep in keeps[start : start + per_trace]]
         metric = edited(model, task.clean, copies, task.metric, remote=remote).metric
         out.append(metric.mean(1))
     return torch.cat(out)
@@ -362,14 +363,17 @@ def keep_vectors(nodes: Iterable[Node], widths: Mapping[Site, int]) -> dict[Site
     return keep
 
 
-def _ablation_edits(keep: Mapping[Site, torch.Tensor], means: Values) -> dict[Site, SiteEdit]:
-    """Edits that set every node outside `keep` to its mean (sites keeping everything: none)."""
+def _ablation_edits(
+    keep: Mapping[Site, torch.Tensor], replacements: Values
+) -> dict[Site, SiteEdit]:
+    """Edits that set every node outside `keep` to its replacement (sites keeping everything:
+    none)."""
     return {
         site: SiteEdit(
             ~keep[site][:-1],
-            means.features[site],
+            replacements.features[site],
             ~keep[site][-1:].reshape(1, 1, 1),
-            means.errors[site],
+            replacements.errors[site],
         )
         for site in keep
         if not bool(keep[site].all())

@@ -23,7 +23,7 @@ from sae_circuits.circuits import patching as P
 from sae_circuits.circuits.faithfulness import faithfulness_curve
 from sae_circuits.circuits.graph import Circuit, add_edge, add_metric_node, add_node, verification
 from sae_circuits.circuits.labels import top_tokens
-from sae_circuits.circuits.methods import METHODS
+from sae_circuits.circuits.methods import ABLATIONS, METHODS
 from sae_circuits.engine import TaskLike, TaskTokens, Values
 from sae_circuits.errors import UserInputError
 from sae_circuits.nodes import METRIC, Node
@@ -49,6 +49,7 @@ def task_circuit(
     max_rows: int = 256,
     progress: bool = True,
     remote: Remote = False,
+    ablation: str = "mean",
 ) -> Circuit:
     """The circuit of `task` over the dictionaries spliced into `model` at `sites` (default: all).
 
@@ -56,11 +57,14 @@ def task_circuit(
     first); edges between kept nodes with |weight| >= `edge_threshold`. `steps > 1` uses integrated
     gradients for node attribution. `verify` measures the kept nodes and edges both ways (exact and
     gradient). `sizes`: circuit sizes (top-n nodes by |effect|) of the faithfulness curve; None
-    skips it. Effects are in units of the task metric (mean over prompts). `remote` (True: NDIF,
+    skips it; `ablation` ("mean" or "corrupt") is how it removes the nodes outside the circuit
+    (`faithfulness_curve`). Effects are in units of the task metric (mean over prompts). `remote` (True: NDIF,
     "local": nnsight's simulation) runs every forward as a request that carries the dictionaries.
     """
     if method not in METHODS:
         raise UserInputError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if ablation not in ABLATIONS:
+        raise UserInputError(f"unknown ablation {ablation!r}; valid: {', '.join(ABLATIONS)}")
     if steps < 1:
         raise UserInputError("steps must be at least 1")
     sites = _sites(model, sites)
@@ -135,8 +139,9 @@ def task_circuit(
         start = time.perf_counter()
         ranking = _ranked(scores)
         grid = sorted({n for n in sizes if n < len(ranking)} | {len(kept), len(ranking)})
+        report["faithfulness_ablation"] = ablation
         report["faithfulness"] = faithfulness_curve(
-            model, task, ranking, grid, sites, max_rows, remote
+            model, task, ranking, grid, sites, max_rows, remote, ablation
         )
         timings["faithfulness_s"] = time.perf_counter() - start
     graph.graph.update(method=method, metric_clean=m_clean, metric_corrupt=m_corrupt)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sae_circuits.circuits.methods import METHODS
+from sae_circuits.circuits.methods import ABLATIONS, METHODS
 from sae_circuits.cli.common import (
     add_json_argument,
     add_model_argument,
@@ -76,6 +76,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[5, 10, 20, 50, 100, 200],
         help="circuit sizes of the faithfulness curve",
     )
+    task.add_argument(
+        "--ablation",
+        choices=ABLATIONS,
+        default="mean",
+        help="how faithfulness removes the nodes outside the circuit: their mean per template and "
+        "position over the clean prompts (Marks et al.; default) or their value on the corrupted "
+        "prompt (activation patching: the contrast the node scores measure)",
+    )
     feature = parser.add_argument_group("feature-rooted circuits (and the panels of --html)")
     feature.add_argument("--depth", type=int, default=3, help="levels below the target")
     feature.add_argument("--top-k", type=int, default=3, help="parents kept per feature")
@@ -126,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             sizes=args.sizes,
             progress=progress,
             remote=args.remote,
+            ablation=args.ablation,
         )
         name = "circuit_" + Path(args.task).stem
     else:

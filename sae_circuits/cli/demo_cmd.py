@@ -18,14 +18,14 @@ from sae_circuits.cli.common import (
     wrote,
 )
 from sae_circuits.nodes import METRIC, Node
-from sae_circuits.sites import Site
+from sae_circuits.sites import Site, num_layers
 
 if TYPE_CHECKING:
     from sae_circuits.circuits import Circuit
 
 QUALITY_SITES = (Site.parse("resid.1"), Site.parse("mlp.1"))
 PATCH_SITE = Site.parse("resid.2")
-CIRCUIT_SITES = tuple(Site.parse(f"resid.{layer}") for layer in range(4))
+DEMO_BASELINES = ("pca_corpus", "neurons")  # the paper's two baselines
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,14 +102,19 @@ def _tour(args: argparse.Namespace) -> dict[str, Any]:
 
     print_heading(f"3. IOI feature patching at {PATCH_SITE}: SAE vs PCA vs neurons")
     patch_dict = load_dictionaries("main", sites=[PATCH_SITE])[PATCH_SITE]
-    curves = {PATCH_SITE: compare_bases(model, train, test, PATCH_SITE, patch_dict, 20)}
+    curves = {
+        PATCH_SITE: compare_bases(
+            model, train, test, PATCH_SITE, patch_dict, 20, baselines=DEMO_BASELINES
+        )
+    }
     result["patching"] = {name: c.restored for name, c in curves[PATCH_SITE].items()}
     print_result(restore_table(curves, 20))
     files = [_write_json(out / "patching.json", result["patching"])]
     files.append(patching_curves(curves, out / "patching.png"))
 
     print_heading("4. The IOI circuit over the residual stream")
-    circuit_dicts = load_dictionaries("main", sites=list(CIRCUIT_SITES))
+    residual = [Site("resid", layer) for layer in range(num_layers(model))]
+    circuit_dicts = load_dictionaries("main", sites=residual)
     attach(model, circuit_dicts)
     try:
         circuit = task_circuit(model, test, max_nodes=40, sizes=(5, 10, 20, 40))

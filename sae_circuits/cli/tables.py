@@ -80,8 +80,12 @@ def circuit_table(circuit: Circuit) -> Table:
     table.add_row("nodes / edges", f"{summary['nodes']} / {summary['edges']}")
     for key, value in summary["verification"].items():
         table.add_row(f"verification {key}", "-" if value is None else f"{value:.3f}")
+    ablation = summary["faithfulness_ablation"]
     for point in summary["faithfulness"]:
-        table.add_row(f"faithfulness, {point['nodes']} nodes", f"{point['faithfulness']:.3f}")
+        table.add_row(
+            f"faithfulness ({ablation} ablation), {point['nodes']} nodes",
+            f"{point['faithfulness']:.3f}",
+        )
     return table
 
 
