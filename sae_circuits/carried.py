@@ -30,34 +30,31 @@ def splice(
     features_hook: Callable[[torch.Tensor], torch.Tensor],
     error_hook: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """`decode(f) + skip + error` for the activation `x`, encoding `source` (`x`, or the site a
-    transcoder reads); `codec` has `encode`, `decode` and `skip_term`. The hooks see (and may
+    """`reconstruct(f, source) + error` for the activation `x`, encoding `source` (`x`, or the
+    site a transcoder reads); `codec` has `encode` and `reconstruct` (the features back in `x`'s
+    space, with `source`'s skip term and normalisation statistics). The hooks see (and may
     replace) the features and the error, computed from the unedited features."""
     encoded = codec.encode(source)
     features = features_hook(editable(encoded))
-    skip = codec.skip_term(source)
-    reconstruction = codec.decode(encoded) + skip
+    reconstruction = codec.reconstruct(encoded, source)
     error = error_hook(editable(x - reconstruction))
     if not torch.is_grad_enabled() and torch.equal(features, encoded):
         return reconstruction + error  # features untouched: skip the second decode
-    return codec.decode(features) + skip + error
+    return codec.reconstruct(features, source) + error
 
 
 class Codec(nn.Module):
-    """A dictionary's `encode`, `decode` and `skip_term` as pure-torch graph modules."""
+    """A dictionary's `encode` and `reconstruct` as pure-torch graph modules."""
 
-    def __init__(self, encode: nn.Module, decode: nn.Module, skip_term: nn.Module) -> None:
+    def __init__(self, encode: nn.Module, reconstruct: nn.Module) -> None:
         super().__init__()
-        self.encoder, self.decoder, self.skip = encode, decode, skip_term
+        self.encoder, self.reconstructor = encode, reconstruct
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return self.decoder(f)
-
-    def skip_term(self, x: torch.Tensor) -> torch.Tensor | float:
-        return self.skip(x)
+    def reconstruct(self, f: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return self.reconstructor(f, source)
 
 
 def site_value(envoy: Any, io: str) -> torch.Tensor:

@@ -4,6 +4,11 @@ Every dictionary maps an activation `x` (last dimension `d_in`) to features `f` 
 `d_dict`) and back: `encode(x) -> f`, `decode(f) -> x_hat`, `forward(x) -> (x_hat, f)`. Row `i` of
 `decoder_directions` is the direction `d_i` that feature `i` writes (the patching formula uses it).
 
+A dictionary may normalise each input token first (`DictionaryConfig.normalization`, as SAELens'
+`normalize_activations`): `encode(x)` still takes the raw activation, `decode(f)` is then the
+reconstruction of the normalised input, and `reconstruct(f, x)` maps it back to the raw space with
+`x`'s statistics, so that feature `i` writes `d_i` times a per-token scale.
+
 On disk a dictionary is a folder with `config.json` and `weights.safetensors`. `Dictionary.load`
 also reads the formats of other libraries, and `Dictionary.save(..., format=...)` writes some of
 them (`sae_circuits.formats`).
@@ -38,6 +43,11 @@ from sae_circuits.sparse_codes import (
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
+# per-token input normalisations (SAELens' run-time `normalize_activations`)
+NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
+LAYER_NORM_EPS = 1e-5  # SAELens': added to the standard deviation
+# the formats whose files can say that a dictionary normalises its input
+_NORMALIZING_FORMATS = ("native", "saelens")
 
 
 @dataclass(init=False)
@@ -46,7 +56,10 @@ class DictionaryConfig:
 
     `in_site` is the site a dictionary reads and `out_site` the site it reconstructs (they differ
     for transcoders); `DictionaryConfig(..., site=s)` sets both. Sites are parsed once here and
-    written as text.
+    written as text. `normalization` (one of `NORMALIZATIONS`) is applied to each input token
+    before encoding: "constant_norm_rescale" scales it to norm `sqrt(d_in)`, "layer_norm" takes
+    `(x − mean) / (std + 1e-5)` (std with Bessel's correction); a dictionary that reconstructs
+    its input maps the reconstruction back (÷ the scale; × std + mean), a transcoder does not.
     """
 
     kind: str
@@ -58,6 +71,7 @@ class DictionaryConfig:
     d_out: int | None  # width of `out_site` when it differs from `d_in`
     k: int | None  # top-k dictionaries
     skip: bool  # transcoders: a linear skip connection from input to output
+    normalization: str  # per-token input normalisation, one of NORMALIZATIONS
     hyperparameters: dict[str, Any]
     metrics: dict[str, Any]
 
@@ -74,9 +88,14 @@ class DictionaryConfig:
         d_out: int | None = None,
         k: int | None = None,
         skip: bool = False,
+        normalization: str = "none",
         hyperparameters: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
     ) -> None:
+        if normalization not in NORMALIZATIONS:
+            raise UserInputError(
+                f"unknown input normalization {normalization!r}; valid: {', '.join(NORMALIZATIONS)}"
+            )
         if site is not None:
             if in_site is not None or out_site is not None:
                 raise UserInputError("give a dictionary either site or in_site/out_site")
@@ -84,6 +103,7 @@ class DictionaryConfig:
         self.kind, self.d_in, self.d_dict = kind, d_in, d_dict
         self.in_site, self.out_site = _parse_site(in_site), _parse_site(out_site)
         self.model, self.d_out, self.k, self.skip = model, d_out, k, skip
+        self.normalization = normalization
         self.hyperparameters = {} if hyperparameters is None else hyperparameters
         self.metrics = {} if metrics is None else metrics
 
@@ -151,6 +171,10 @@ class Dictionary(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    # whether the kind applies `config.normalization` (to `centered`'s input)
+    normalizable: ClassVar[bool] = False
+    # whether a normalised input's reconstruction is mapped back (False: another site's output)
+    maps_back: ClassVar[bool] = True
     learning_rate_scales: ClassVar[
         dict[str, float]
     ] = {}  # parameters trained at a multiple of the LR
@@ -162,6 +186,11 @@ class Dictionary(nn.Module):
             Dictionary.registry[cls.kind] = cls
 
     def __init__(self, config: DictionaryConfig) -> None:
+        if config.normalization != "none" and not self.normalizable:
+            raise UserInputError(
+                f"a {self.kind} dictionary cannot normalise its input "
+                f"(normalization {config.normalization!r})"
+            )
         super().__init__()
         self.config = config
 
@@ -188,9 +217,47 @@ class Dictionary(nn.Module):
         """What a skip connection adds to the reconstruction of input `x` (0: none)."""
         return 0.0
 
+    @property
+    def scales_per_token(self) -> bool:
+        """Whether a feature writes its decoder direction times a per-token scale (the input
+        normalisation's, mapped back), rather than the direction itself."""
+        return self.config.normalization != "none" and self.maps_back
+
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw input `x` as the encoder sees it (`config.normalization`, per token)."""
+        if self.config.normalization == "constant_norm_rescale":
+            return x * _norm_coefficient(x, self.d_in)
+        if self.config.normalization == "layer_norm":
+            mean, std = _layer_norm_statistics(x)
+            return (x - mean) / (std + LAYER_NORM_EPS)
+        return x
+
+    def reconstruct(self, f: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Features `f` back in the raw space of the output, given the raw input `source` they
+        belong to (its normalisation statistics, its skip term): `decode(f) + skip_term(source)`
+        for dictionaries without a normalisation mapped back."""
+        x_hat = self.decode(f)
+        if self.scales_per_token and self.config.normalization == "constant_norm_rescale":
+            x_hat = x_hat / _norm_coefficient(source, self.d_in)
+        elif self.scales_per_token:  # layer_norm: SAELens multiplies by std, not std + eps
+            mean, std = _layer_norm_statistics(source)
+            x_hat = x_hat * std + mean
+        return x_hat + self.skip_term(source)
+
+    def fixed_directions(self, use: str) -> torch.Tensor:
+        """`decoder_directions` for a computation (`use`) that takes them as what each feature
+        writes, whatever the token; refused where features write them scaled per token."""
+        if self.scales_per_token:
+            raise UserInputError(
+                f"{use} need decoder directions that do not depend on the token, but this "
+                f"dictionary normalises its input ({self.config.normalization}): each feature "
+                "writes its direction times a per-token scale"
+            )
+        return self.decoder_directions
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.encode(x)
-        return self.decode(f) + self.skip_term(x), f
+        return self.reconstruct(f, x), f
 
     def extra_repr(self) -> str:
         config = self.config
@@ -199,7 +266,10 @@ class Dictionary(nn.Module):
             if config.in_site == config.out_site
             else f"in_site={config.in_site}, out_site={config.out_site}"
         )
-        return f"kind={self.kind}, d_in={self.d_in}, d_dict={self.d_dict}, {sites}"
+        normalization = (
+            "" if config.normalization == "none" else f", normalization={config.normalization}"
+        )
+        return f"kind={self.kind}, d_in={self.d_in}, d_dict={self.d_dict}, {sites}{normalization}"
 
     # -------------------------------------------------------------------------------- training
     def training_forward(self, x: torch.Tensor) -> TrainingForward:
@@ -245,6 +315,11 @@ class Dictionary(nn.Module):
         """Write `config.json` and `weights.safetensors` (optionally stored in `dtype`, e.g. fp16),
         or with `format` another library's files (`sae_circuits.formats`: "saelens", "sparsify")."""
         directory = Path(directory)
+        if self.config.normalization != "none" and format not in _NORMALIZING_FORMATS:
+            raise UserInputError(
+                f"the {format} format cannot say that a dictionary normalises its input "
+                f"({self.config.normalization}); save it as {' or '.join(_NORMALIZING_FORMATS)}"
+            )
         if format != "native":
             from sae_circuits.formats import write_dictionary
 
@@ -334,6 +409,7 @@ class UntiedDictionary(Dictionary):
     """Anthropic: `f = ReLU(W_e (x − b_d) + b_e)`, `x_hat = W_d f + b_d`, unit-norm decoder rows."""
 
     kind = "untied"
+    normalizable = True
 
     def __init__(self, config: DictionaryConfig) -> None:
         super().__init__(config)
@@ -348,7 +424,7 @@ class UntiedDictionary(Dictionary):
 
     def centered(self, x: torch.Tensor) -> torch.Tensor:
         """What the encoder's weights multiply: `pre_activations(x) = centered(x) W_enc + b_enc`."""
-        return x - self.b_dec
+        return self.normalized(x) - self.b_dec
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         return self.centered(x) @ self.W_enc + self.b_enc
@@ -640,6 +716,7 @@ class Transcoder(UntiedDictionary):
     """
 
     kind = "transcoder"
+    maps_back = False  # the output is another site's: SAELens normalises the input only
 
     def __init__(self, config: DictionaryConfig) -> None:
         if config.in_site is None or config.out_site is None:
@@ -652,7 +729,7 @@ class Transcoder(UntiedDictionary):
             self.W_skip = nn.Parameter(torch.zeros(config.d_in, config.output_dim))
 
     def centered(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.b_in
+        return self.normalized(x) - self.b_in
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return _topk_encode(self, x) if self.config.k else super().encode(x)
@@ -836,6 +913,17 @@ def _shipped_model_dir(model: str | None) -> Path:
 
 
 # --------------------------------------------------------------------------------- helpers
+def _norm_coefficient(x: torch.Tensor, d_in: int) -> torch.Tensor:
+    """constant_norm_rescale's per-token factor `sqrt(d_in) / ‖x‖`."""
+    return (d_in**0.5) / x.norm(dim=-1, keepdim=True)
+
+
+def _layer_norm_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """layer_norm's per-token mean and standard deviation (with Bessel's correction)."""
+    mean = x.mean(dim=-1, keepdim=True)
+    return mean, (x - mean).std(dim=-1, keepdim=True)
+
+
 def _unit_rows(weight: torch.Tensor) -> torch.Tensor:
     return weight / weight.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
@@ -873,6 +961,7 @@ __all__ = [
     "JumpReLUTranscoder",
     "LatentSlot",
     "LinearBasis",
+    "NORMALIZATIONS",
     "TiedDictionary",
     "TopKDictionary",
     "Transcoder",

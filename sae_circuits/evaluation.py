@@ -31,7 +31,7 @@ rises the most with the site spliced in (`worst`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,18 +191,17 @@ def evaluate(
             inputs = trace_inputs(ids, mask)
             clean_logits, reads = _clean_run(model, dictionaries, ids, mask, remote)
             clean = _CleanTokens(clean_logits, ids, mask)
-            for site, dictionary in dictionaries.items():
-                features, error, skip = reads[site]
+            for site in dictionaries:
+                features, error, rebuild = reads[site]
                 ablations = {"zero": torch.zeros_like(means[site]), "mean": means[site]}
                 spliced_ce = _evaluate_site(
                     model,
                     site,
-                    dictionary,
                     inputs,
                     scored,
                     features,
                     error,
-                    skip,
+                    rebuild,
                     ablations,
                     clean,
                     totals[site],
@@ -310,12 +309,16 @@ def mean_activations(
     return SiteMap((site, (total / max(count, 1)).float()) for site, total in sums.items())
 
 
+Rebuild = Callable[[torch.Tensor], torch.Tensor]
+"""Features of a site's clean run -> the site's reconstruction from them (`Dictionary.reconstruct`
+with the run's input: its skip term, its normalisation statistics)."""
+
+
 def _clean_run(
     model: Model, dictionaries: SiteMap, ids: torch.Tensor, mask: torch.Tensor, remote: Remote
-) -> tuple[torch.Tensor, dict[Site, tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]]]:
-    """The clean logits and every site's `(features, error, skip)`, read in one forward pass (the
-    sites in forward order); `skip` is what a skip connection adds to the reconstruction (0 for
-    dictionaries without one)."""
+) -> tuple[torch.Tensor, dict[Site, tuple[torch.Tensor, torch.Tensor, Rebuild]]]:
+    """The clean logits and every site's `(features, error, rebuild)`, read in one forward pass
+    (the sites in forward order)."""
     if remote:
         values = engine.read(
             model,
@@ -327,33 +330,55 @@ def _clean_run(
         )
         reads = {}
         for site, dictionary in dictionaries.items():
-            features, error = values.features[site], values.errors[site]
-            skip = 0.0
-            if dictionary.config.skip:
-                skip = values.activations[site] - error - dictionary.decode(features)
-            reads[site] = (features, error, skip)
+            features, error, x = (
+                values.features[site],
+                values.errors[site],
+                values.activations[site],
+            )
+            reads[site] = (features, error, _remote_rebuild(dictionary, site, features, error, x))
         return values.logits, reads
-    reads = {}
+    sources, reads = {}, {}
     with model.trace(**trace_inputs(ids, mask)):
-        for site, dictionary in dictionaries.items():
+        for site in dictionaries:
             hook = spliced(model, site)
-            skip = 0.0
-            if dictionary.config.skip:  # a transcoder's splice is called with (x, x_in)
-                skip = dictionary.skip_term(hook.inputs[0][1]).save()
-            reads[site] = (hook.features.output.save(), hook.error.output.save(), skip)
+            x, x_in = hook.inputs[0]  # the splice's (x, x_in): x_in where it reads another site
+            sources[site] = (x if x_in is None else x_in).save()
+            reads[site] = (hook.features.output.save(), hook.error.output.save())
         logits = model.output.logits.save()
-    return logits, reads
+    return logits, {
+        site: (*reads[site], _rebuild(dictionary, sources[site]))
+        for site, dictionary in dictionaries.items()
+    }
+
+
+def _rebuild(dictionary: Dictionary, source: torch.Tensor) -> Rebuild:
+    return lambda features: dictionary.reconstruct(features, source)
+
+
+def _remote_rebuild(
+    dictionary: Dictionary,
+    site: Site,
+    features: torch.Tensor,
+    error: torch.Tensor,
+    x: torch.Tensor,
+) -> Rebuild:
+    """`_rebuild` from what a request brings back: the site's value `x` is the input of a
+    dictionary that reads its own site; one that reads another (a transcoder, which maps no
+    normalisation back) adds `decode(f)` to the skip term its reconstruction `x − error` holds."""
+    if dictionary.config.in_site in (None, site):
+        return _rebuild(dictionary, x)
+    skip = x - error - dictionary.decode(features)
+    return lambda g: dictionary.decode(g) + skip
 
 
 def _evaluate_site(
     model: Model,
     site: Site,
-    dictionary: Dictionary,
     inputs: dict[str, torch.Tensor],
     scored: torch.Tensor,
     features: torch.Tensor,
     error: torch.Tensor,
-    skip: torch.Tensor | float,
+    rebuild: Rebuild,
     ablations: Mapping[str, torch.Tensor],
     clean: _CleanTokens,
     totals: _SiteTotals,
@@ -365,10 +390,10 @@ def _evaluate_site(
     spliced run's CE per real next-token pair."""
     keep = (~scored).unsqueeze(-1)  # positions whose activation every run leaves untouched
     if remote:
-        logits = _site_runs_remote(model, site, dictionary, inputs, ~keep, skip, ablations, remote)
+        logits = _site_runs_remote(model, site, inputs, ~keep, rebuild, features, ablations, remote)
     else:
-        logits = _site_runs(model, site, dictionary, inputs, keep, skip, ablations)
-    x_hat = dictionary.decode(features) + skip
+        logits = _site_runs(model, site, inputs, keep, rebuild, ablations)
+    x_hat = rebuild(features)
     x = x_hat + error
     totals.add_reconstruction(x[scored], x_hat[scored], features[scored])
     return totals.add_losses(clean, logits)
@@ -377,10 +402,9 @@ def _evaluate_site(
 def _site_runs(
     model: Model,
     site: Site,
-    dictionary: Dictionary,
     inputs: dict[str, torch.Tensor],
     keep: torch.Tensor,
-    skip: torch.Tensor | float,
+    rebuild: Rebuild,
     ablations: Mapping[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """The logits of the spliced run (error dropped where `keep` is False) and of each ablation,
@@ -395,8 +419,8 @@ def _site_runs(
             with tracer.invoke(**inputs):
                 f = hook.features.output
                 hook.features.output = f * keep
-                # decode(0) + skip + (value − decode(0) − skip) = value at the scored positions
-                replaced = value.to(f) - dictionary.decode(torch.zeros_like(f)) - skip
+                # rebuild(0) + (value − rebuild(0)) = value at the scored positions
+                replaced = value.to(f) - rebuild(torch.zeros_like(f))
                 hook.error.output = torch.where(keep, hook.error.output, replaced)
                 logits[name] = model.output.logits.save()
     return logits
@@ -405,16 +429,16 @@ def _site_runs(
 def _site_runs_remote(
     model: Model,
     site: Site,
-    dictionary: Dictionary,
     inputs: dict[str, torch.Tensor],
     scored: torch.Tensor,
-    skip: torch.Tensor | float,
+    rebuild: Rebuild,
+    features: torch.Tensor,
     ablations: Mapping[str, torch.Tensor],
     remote: Remote,
 ) -> dict[str, torch.Tensor]:
     """`_site_runs` as one request that carries the dictionaries: the same edits, as copies
     (`scored`: `(B, T, 1)`, the positions edited)."""
-    zeros = dictionary.decode(torch.zeros(1, dictionary.d_dict).to(scored.device)) + skip
+    zeros = rebuild(torch.zeros_like(features).to(scored.device))
     copies = [{site: SiteEdit(error_mask=scored, error_value=0.0)}] + [
         {
             site: SiteEdit(

@@ -97,7 +97,7 @@ def greedy_search(
                 )
                 for batch, clean, corrupt in runs
             ]
-        directions = basis.decoder_directions.detach()
+        directions = basis.fixed_directions("greedy searches").detach()
         moved = torch.stack([b.delta.abs().amax((0, 1)) for b in batches]).amax(0) > 0
         generator = torch.Generator().manual_seed(seed)
         candidates = moved.nonzero().flatten()

@@ -192,7 +192,11 @@ def generate_pinned(
                             f = dictionary.encode(x)
                             mask = feature_mask(f.shape[1], index, len(value), positions)
                             g = torch.where(mask.to(f.device), value.to(f.device), f)
-                            write_site(model, site, x + dictionary.decode(g) - dictionary.decode(f))
+                            write_site(
+                                model,
+                                site,
+                                x + dictionary.reconstruct(g, x) - dictionary.reconstruct(f, x),
+                            )
                 with tracer.invoke():
                     tokens = tracer.result.save()
     return tokens

@@ -114,7 +114,11 @@ def rank_bases(
                 if grad is None:
                     totals[name] += delta.abs().sum((0, 1)).cpu()
                 else:
-                    totals[name] += (delta * (grad @ basis.decoder_directions.T)).sum((0, 1)).cpu()
+                    totals[name] += (
+                        (delta * (grad @ basis.fixed_directions("attribution rankings").T))
+                        .sum((0, 1))
+                        .cpu()
+                    )
     return {
         name: (total.abs() if method == "attribution" else total) / len(task)
         for name, total in totals.items()
@@ -302,7 +306,7 @@ def _patched_values(
     patched to their clean values for each k of `grid`, then with every direction patched."""
     with torch.no_grad():
         delta = (basis.encode(x_clean) - basis.encode(x_corrupt)) * weight
-        directions = basis.decoder_directions.to(x_clean.dtype)
+        directions = basis.fixed_directions("patching curves").to(x_clean.dtype)
         steps = delta[..., order].unsqueeze(-1) * directions[order]  # (B, T, K, D)
         cumulative = steps.cumsum(2)[:, :, [k - 1 for k in grid]]  # (B, T, G, D)
         top_k = x_corrupt.unsqueeze(2) + cumulative

@@ -72,23 +72,30 @@ def check_remote(model: Model, remote: Remote) -> None:
         )
 
 
-class _Method(nn.Module):
-    """One method of a dictionary as a module, for `torch.fx` to trace."""
+class _Encode(nn.Module):
+    """A dictionary's `encode` as a module, for `torch.fx` to trace."""
 
-    def __init__(self, dictionary: Dictionary, name: str) -> None:
+    def __init__(self, dictionary: Dictionary) -> None:
         super().__init__()
-        self.dictionary, self.name = dictionary, name
+        self.dictionary = dictionary
 
     def forward(self, x):  # no annotations: torch.fx would write them into the graph's code
-        return getattr(self.dictionary, self.name)(x)
+        return self.dictionary.encode(x)
+
+
+class _Reconstruct(_Encode):
+    """A dictionary's `reconstruct` as a module, for `torch.fx` to trace."""
+
+    def forward(self, f, source):  # no annotations, as in _Encode
+        return self.dictionary.reconstruct(f, source)
 
 
 def codec(dictionary: Dictionary) -> Codec:
-    """`dictionary`'s encode, decode and skip term as pure-torch graphs sharing its parameters
+    """`dictionary`'s encode and reconstruct as pure-torch graphs sharing its parameters
     (traced once per dictionary); a kind whose code branches on data cannot travel."""
     if dictionary not in _CODECS:
         try:
-            parts = [fx.symbolic_trace(_Method(dictionary, name)) for name in _CODEC_METHODS]
+            parts = [fx.symbolic_trace(part(dictionary)) for part in (_Encode, _Reconstruct)]
         except Exception as error:  # torch.fx raises several types for untraceable code
             raise UserInputError(
                 f"a {dictionary.kind} dictionary cannot run remotely: torch.fx cannot trace "
@@ -96,9 +103,6 @@ def codec(dictionary: Dictionary) -> Codec:
             ) from error
         _CODECS[dictionary] = Codec(*parts)
     return _CODECS[dictionary]
-
-
-_CODEC_METHODS = ("encode", "decode", "skip_term")
 
 
 class _Function(nn.Module):

@@ -4,14 +4,16 @@
 submodule of the module that holds the site (attribute `sae`, or `sae_input` for sites that are a
 module's input) and stores a persistent nnsight edit that replaces the site's activation `x` by
 
-    decode(f) + error,   f = encode(x) (read and writable at `features`),
-                         error = x − decode(encode(x)) (read and writable at `error`).
+    reconstruct(f, x) + error,   f = encode(x) (read and writable at `features`),
+                                 error = x − reconstruct(encode(x), x) (read and writable at `error`)
 
-With nothing edited this returns `x` (up to float rounding), so the model's outputs are unchanged.
-The error is computed from the *unedited* features, so setting or ablating a feature changes the
-output by exactly its decoder direction times the change. Gradients: d(out)/d(features) is the
-decoder and d(out)/dx is the identity, so attribution through several spliced sites matches the
-unspliced model.
+(`reconstruct(f, x)` is `decode(f)` plus a transcoder's skip term, mapped back to the raw space
+with `x`'s statistics by a dictionary that normalises its input.) With nothing edited this returns
+`x` (up to float rounding), so the model's outputs are unchanged. The error is computed from the
+*unedited* features, so setting or ablating a feature changes the output by exactly its decoder
+direction (times the token's scale, for a normalising dictionary) times the change. Gradients:
+d(out)/d(features) is the decoder and d(out)/dx is the identity, so attribution through several
+spliced sites matches the unspliced model.
 """
 
 from __future__ import annotations

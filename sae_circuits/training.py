@@ -647,6 +647,11 @@ def _initialise_from(dictionary: Dictionary, folder: str, scale: float | None) -
     """Copy the weights of the dictionary in `folder` into `dictionary` (a kind with the same
     parameters, or more: e.g. untied into topk); with `scale`, moved to scaled activations."""
     start = Dictionary.load(folder)
+    if start.config.normalization != "none":
+        raise UserInputError(
+            f"--init {folder}: dictionaries that normalise their input "
+            f"({start.config.normalization}) cannot be trained here"
+        )
     if scale is not None:
         start.fold_activation_scale(1 / scale)
     load_weights(dictionary, start.state_dict(), f"--init {folder}", subset=True)

@@ -209,8 +209,6 @@ BASE_CFG = {"d_in": D_IN, "d_sae": D_SAE, "architecture": "standard", "metadata"
 @pytest.mark.parametrize(
     ("changes", "named"),
     [
-        ({"normalize_activations": "layer_norm"}, "normalize_activations='layer_norm'"),
-        ({"normalize_activations": "constant_norm_rescale"}, "constant_norm_rescale"),
         ({"normalize_activations": "covariance_whitening"}, "covariance_whitening"),
         ({"reshape_activations": "hook_z"}, "reshape_activations"),
         ({"metadata": {"hook_name": "blocks.1.attn.hook_z"}}, "reshape_activations"),

@@ -14,10 +14,13 @@ folded into the weights so that features and reconstructions are SAELens' own:
 - JumpReLU thresholds are clamped at 0: SAELens computes `ReLU(z) · H(z − θ)`, our kinds
   `z · H(z − θ)`, which agree for θ ≥ 0;
 - `normalize_activations="expected_average_only_in"` is, as in `SAE.load_from_disk`, no run-time
-  transformation (the factor is not in the file).
+  transformation (the factor is not in the file);
+- `normalize_activations` "constant_norm_rescale" and "layer_norm" become the dictionary's
+  `normalization`, applied per token as SAELens does (the input normalised before `b_dec` is
+  subtracted; an SAE's reconstruction mapped back with the input's statistics, a transcoder's
+  not, its skip term reading the raw input); the writer writes it back.
 
-Options that change the numbers in ways not reproduced (`constant_norm_rescale`, `layer_norm`,
-`covariance_whitening`, hook_z reshaping, head indices, fine-tuning scales, other architectures, a
+Options that change the numbers in ways not reproduced (`covariance_whitening`, hook_z reshaping, head indices, fine-tuning scales, other architectures, a
 model loaded with `center_writing_weights`) and unknown keys are refused by name.
 """
 
@@ -74,8 +77,14 @@ _TOPK = {"topk", "abstopk"}
 _JUMPRELU = {"jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder"}
 _SKIP = {"skip_transcoder", "jumprelu_skip_transcoder"}
 _TRANSCODERS = {"transcoder", *_SKIP, "jumprelu_transcoder"}
-# normalize_activations values that are no run-time transformation in SAE.load_from_disk
-_NORMALIZATIONS = {"none", "expected_average_only_in"}
+# normalize_activations -> our normalization (expected_average_only_in: no run-time
+# transformation in SAE.load_from_disk)
+_NORMALIZATIONS = {
+    "none": "none",
+    "expected_average_only_in": "none",
+    "constant_norm_rescale": "constant_norm_rescale",
+    "layer_norm": "layer_norm",
+}
 
 # Keys whose values are read and checked (top level; older files have the metadata ones there).
 _UNDERSTOOD = {
@@ -204,6 +213,7 @@ def read(directory: Path, site: Site | None = None) -> Dictionary:
         d_out=d_out if d_out != d_in else None,
         k=cfg["k"] if architecture in _TOPK else None,
         skip=architecture in _SKIP,
+        normalization=_NORMALIZATIONS[cfg["normalize_activations"]],
         model=cfg["model_name"],
         hyperparameters={"source_format": "saelens", **raw},
         **sites,
@@ -295,6 +305,7 @@ def _normalised_cfg(raw: dict[str, Any], source: Path) -> dict[str, Any]:
         "k": positive_int(k, "k", source) if architecture in _TOPK else None,
         "rescale_acts_by_decoder_norm": rescale,
         "apply_b_dec_to_input": bool(apply_b_dec),
+        "normalize_activations": normalisation,
         "hook_name": hook_name,
         "hook_name_out": get("hook_name_out"),
         "model_name": get("model_name"),
@@ -378,7 +389,7 @@ def write(dictionary: Dictionary, directory: Path) -> Path:
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": architecture not in _TRANSCODERS,
-        "normalize_activations": "none",
+        "normalize_activations": config.normalization,
         "reshape_activations": "none",
         "metadata": metadata,
         "architecture": architecture,
@@ -468,11 +479,12 @@ FORMAT = Format(
     variants=(
         "SAELens 6 and older cfg.json; standard, topk (incl. rescale_acts_by_decoder_norm), "
         "abstopk, jumprelu, gated; transcoder, skip_transcoder, jumprelu_transcoder, "
-        "jumprelu_skip_transcoder; apply_b_dec_to_input false; normalize_activations none and "
-        "expected_average_only_in (no run-time scaling, as SAE.load_from_disk)"
+        "jumprelu_skip_transcoder; apply_b_dec_to_input false; normalize_activations none, "
+        "expected_average_only_in (no run-time scaling, as SAE.load_from_disk), "
+        "constant_norm_rescale and layer_norm (per token, as SAELens)"
     ),
     refused=(
-        "normalize_activations constant_norm_rescale, layer_norm, covariance_whitening; "
+        "normalize_activations covariance_whitening; "
         "hook_z reshaping; head indices; finetuning_scaling_factor; other architectures; "
         "unknown cfg keys"
     ),
