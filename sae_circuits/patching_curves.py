@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 
 from sae_circuits import engine
+from sae_circuits.buffer import harvest
 from sae_circuits.constants import BASELINES
 from sae_circuits.dictionary import Dictionary, LinearBasis
 from sae_circuits.errors import UserInputError
@@ -37,7 +38,7 @@ from sae_circuits.site_runs import (
     site_gradient,
     site_width,
 )
-from sae_circuits.sites import Site, torch_module
+from sae_circuits.sites import Site, SiteMap, torch_module
 from sae_circuits.splice import attached
 from sae_circuits.tasks import Task
 
@@ -173,14 +174,16 @@ def compare_bases(
     batch_size: int = 32,
     rows_per_trace: int = 512,
     remote: Remote = False,
+    corpus: torch.Tensor | None = None,
 ) -> dict[str, PatchingCurve]:
     """Patching curves at `site` for the dictionary (`sae`; default: the one attached there) and
-    the `baselines` (see `baseline_bases`), all ranked by the same method on `train` and patched
-    on `test` at the k of `k_grid(max_features, every_k)`. `remote` (True: NDIF, "local":
-    nnsight's simulation) runs every trace as a request."""
+    the `baselines` (see `baseline_bases`, which `corpus_tokens` and `corpus` are passed to), all
+    ranked by the same method on `train` and patched on `test` at the k of
+    `k_grid(max_features, every_k)`. `remote` (True: NDIF, "local": nnsight's simulation) runs
+    every trace as a request."""
     site = Site.parse(site)
     bases: dict[str, Dictionary] = {"sae": _dictionary_at(model, site, dictionary)}
-    bases.update(baseline_bases(model, train, site, seed, baselines, corpus_tokens, remote))
+    bases.update(baseline_bases(model, train, site, seed, baselines, corpus_tokens, remote, corpus))
     return curves_for_bases(
         model,
         train,
@@ -323,11 +326,13 @@ def baseline_bases(
     names: Sequence[str] = BASELINES,
     corpus_tokens: int = 16384,
     remote: Remote = False,
+    corpus: torch.Tensor | None = None,
 ) -> dict[str, LinearBasis]:
     """Bases to compare a dictionary with at `site`: `pca_task` (PCA fitted on the site's
     activations over the task's clean and corrupted prompts: supervised by the task),
     `pca_corpus` (PCA fitted on `corpus_tokens` tokens of training text, as Cunningham et al.
-    fitted theirs), `neurons` (the standard basis) and `random` (a seeded rotation)."""
+    fitted theirs; `corpus`: those activations, when `corpus_activations` already read them),
+    `neurons` (the standard basis) and `random` (a seeded rotation)."""
     unknown = [name for name in names if name not in BASELINES]
     if unknown:
         raise UserInputError(f"unknown baseline {unknown[0]!r}; valid: {', '.join(BASELINES)}")
@@ -342,7 +347,8 @@ def baseline_bases(
                     rows.append(read_run(model, batch, site, remote=remote).x[batch.mask])
             found[name] = LinearBasis.pca(torch.cat(rows), site=site)
         elif name == "pca_corpus":
-            corpus = corpus_activations(model, site, corpus_tokens, remote)
+            if corpus is None:
+                corpus = corpus_activations(model, [site], corpus_tokens, remote)[site]
             found[name] = LinearBasis.pca(corpus, site=site)
         else:
             width = width or site_width(model, site)
@@ -355,23 +361,25 @@ def baseline_bases(
 
 
 def corpus_activations(
-    model: Model, site: str | Site, n_tokens: int = 16384, remote: Remote = False
-) -> torch.Tensor:
-    """`(≈n_tokens, D)`: the site's activations over training text (the embedded model's training
-    corpus, or for another model the default text sample), each context's BOS left out."""
+    model: Model, sites: Sequence[str | Site], n_tokens: int = 16384, remote: Remote = False
+) -> SiteMap:
+    """Per site, `(≈n_tokens, D)`: its activations over training text (the embedded model's
+    training corpus, or for another model the default text sample), each context's BOS left out;
+    one pass over the text reads every site."""
     from sae_circuits.models import is_embedded
     from sae_circuits.text import token_batches, training_documents
 
-    site = Site.parse(site)
+    sites = sorted({Site.parse(site) for site in sites})
     documents = training_documents(is_embedded(model))
-    rows = []
+    device = next(torch_module(model).parameters()).device
+    rows: dict[str, list[torch.Tensor]] = {str(site): [] for site in sites}
     for ids in token_batches(model.tokenizer, documents, 128, 16, max_tokens=n_tokens):
-        device = next(torch_module(model).parameters()).device
-        tokens = engine.Tokens(ids.to(device), torch.ones_like(ids, device=device))
-        rows.append(read_run(model, tokens, site, remote=remote).x[:, 1:].flatten(0, 1))
-    if not rows:
+        ids = ids.to(device)
+        for label, x in harvest(model, sites, ids, torch.ones_like(ids), remote=remote).items():
+            rows[label].append(x)
+    if not next(iter(rows.values()), []):
         raise UserInputError("no training text to fit the corpus PCA on")
-    return torch.cat(rows)
+    return SiteMap((site, torch.cat(rows[str(site)])) for site in sites)
 
 
 __all__ = [

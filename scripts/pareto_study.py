@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sae_circuits import Dictionary, load_model
+from sae_circuits.models import EMBEDDED_MODEL_NAME
 from sae_circuits.pipeline import output_folder, train_and_evaluate
 from sae_circuits.plotting import new_figure
 from sae_circuits.text import default_documents, training_documents
@@ -133,7 +134,9 @@ def _plot(rows: list[dict], path: Path, site: str) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.suptitle(f"neox-ioi-4l {site}: sparsity against damage to the model, by recipe")
+    figure.suptitle(
+        f"{EMBEDDED_MODEL_NAME} {site}: sparsity against damage to the model, by recipe"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 

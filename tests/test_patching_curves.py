@@ -121,9 +121,15 @@ def test_baselines(models):
     for basis in found.values():
         gram = basis.components @ basis.components.T
         torch.testing.assert_close(gram, torch.eye(width), atol=1e-4, rtol=0)
-    activations = corpus_activations(model, "resid.0", n_tokens=512)
+    both = corpus_activations(model, ["resid.1", "resid.0"], n_tokens=512)
+    activations = both["resid.0"]
     assert activations.shape[1] == width and activations.shape[0] >= 500
     torch.testing.assert_close(found["pca_corpus"].offset, activations.mean(0), atol=1e-3, rtol=0)
+    # one pass for two sites reads what a pass for one site reads, and a given corpus is used
+    alone = corpus_activations(model, ["resid.1"], n_tokens=512)["resid.1"]
+    torch.testing.assert_close(both["resid.1"], alone)
+    given = baseline_bases(model, task, "resid.1", names=["pca_corpus"], corpus=alone)
+    torch.testing.assert_close(given["pca_corpus"].offset, alone.mean(0), atol=1e-5, rtol=0)
     with pytest.raises(UserInputError, match="unknown baseline"):
         baseline_bases(model, task, "resid.0", names=["pca"])
 

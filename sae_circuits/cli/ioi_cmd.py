@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from sae_circuits.cli.tables import restore_table
     from sae_circuits.dictionary import load_dictionaries
     from sae_circuits.models import is_embedded, model_name
-    from sae_circuits.patching_curves import compare_bases
+    from sae_circuits.patching_curves import compare_bases, corpus_activations
     from sae_circuits.plotting import patching_curves
     from sae_circuits.tasks import load_task
 
@@ -119,8 +119,14 @@ def run(args: argparse.Namespace) -> int:
     train = load_task("ioi", model, args.corruption, args.n_prompts, args.seed, "train")
     test = load_task("ioi", model, args.corruption, args.n_prompts, args.seed, "heldout")
     baselines = args.baseline or list(BASELINES)
+    # the corpus PCA of every site from one pass over the training text
+    corpus = (
+        corpus_activations(model, list(dictionaries), remote=args.remote)
+        if "pca_corpus" in baselines
+        else {}
+    )
     if args.search == "greedy":
-        return _greedy(args, model, dictionaries, train, test, baselines)
+        return _greedy(args, model, dictionaries, train, test, baselines, corpus)
     curves = {
         site: compare_bases(
             model,
@@ -136,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             baselines=baselines,
             every_k=args.every_k,
             remote=args.remote,
+            corpus=corpus.get(site),
         )
         for site, dictionary in dictionaries.items()
     }
@@ -177,7 +184,7 @@ def _curve_json(curve: PatchingCurve) -> dict:
     }
 
 
-def _greedy(args, model, dictionaries, train, test, baselines) -> int:
+def _greedy(args, model, dictionaries, train, test, baselines, corpus) -> int:
     from sae_circuits.cli.tables import greedy_table
     from sae_circuits.greedy_search import greedy_search
     from sae_circuits.patching_curves import baseline_bases
@@ -187,7 +194,10 @@ def _greedy(args, model, dictionaries, train, test, baselines) -> int:
     prompts = test.subset(slice(0, args.greedy_prompts))
     results = {}
     for site, dictionary in dictionaries.items():
-        bases = {"sae": dictionary, **baseline_bases(model, train, site, args.seed, baselines)}
+        bases = {
+            "sae": dictionary,
+            **baseline_bases(model, train, site, args.seed, baselines, corpus=corpus.get(site)),
+        }
         results[site] = greedy_search(
             model, prompts, site, bases, thresholds, args.seed, args.positions, progress=True
         )
