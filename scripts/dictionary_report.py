@@ -35,15 +35,17 @@ COLUMNS = [
 
 
 def frequencies(model, dictionaries: SiteMap, tokens: int) -> dict[str, torch.Tensor]:
-    """Share of held-out positions on which each feature fires, per site (in forward order)."""
-    sites = list(dictionaries)
-    counts = {str(s): torch.zeros(dictionaries[s].d_dict) for s in sites}
+    """Share of held-out positions on which each feature fires, per dictionary (in forward order
+    of the sites they write)."""
+    # the site each dictionary reads: its own, or a transcoder's input site
+    reads = {site: d.config.in_site or site for site, d in dictionaries.items()}
+    counts = {str(site): torch.zeros(d.d_dict) for site, d in dictionaries.items()}
     positions = 0
     for ids in token_batches(model.tokenizer, default_documents(True), 128, 16, tokens):
-        acts = harvest(model, sites, ids, torch.ones_like(ids))
+        acts = harvest(model, sorted(set(reads.values())), ids, torch.ones_like(ids))
         with torch.no_grad():
-            for site, x in acts.items():
-                counts[site] += (dictionaries[site].encode(x) > 0).sum(0)
+            for site, d in dictionaries.items():
+                counts[str(site)] += (d.encode(acts[str(reads[site])]) > 0).sum(0)
         positions += next(iter(acts.values())).shape[0]
     return {site: c / positions for site, c in counts.items()}
 
