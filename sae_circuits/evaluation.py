@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from sae_circuits import engine
-from sae_circuits.batches import TokenBatch, scored_positions, split_batch, trace_inputs
+from sae_circuits.batches import TokenBatch, scored_positions, split_batch
 from sae_circuits.buffer import harvest
 from sae_circuits.constants import DENSE_FREQUENCY, METRIC_KEYS
 from sae_circuits.dictionary import Dictionary
@@ -49,7 +49,7 @@ from sae_circuits.progress import progress_bar
 from sae_circuits.protocols import Model
 from sae_circuits.remote import Remote
 from sae_circuits.sites import Site, SiteMap
-from sae_circuits.splice import spliced, temporarily_attached
+from sae_circuits.splice import temporarily_attached
 
 
 class _CleanTokens:
@@ -188,7 +188,7 @@ def evaluate(
         for index, batch in enumerate(batches):
             ids, mask = split_batch(batch)
             scored = scored_positions(mask, skip_first)
-            inputs = trace_inputs(ids, mask)
+            tokens = Tokens(ids, mask)
             clean_logits, reads = _clean_run(model, dictionaries, ids, mask, remote)
             clean = _CleanTokens(clean_logits, ids, mask)
             for site in dictionaries:
@@ -197,7 +197,7 @@ def evaluate(
                 spliced_ce = _evaluate_site(
                     model,
                     site,
-                    inputs,
+                    tokens,
                     scored,
                     features,
                     error,
@@ -317,56 +317,34 @@ with the run's input: its skip term, its normalisation statistics)."""
 def _clean_run(
     model: Model, dictionaries: SiteMap, ids: torch.Tensor, mask: torch.Tensor, remote: Remote
 ) -> tuple[torch.Tensor, dict[Site, tuple[torch.Tensor, torch.Tensor, Rebuild]]]:
-    """The clean logits and every site's `(features, error, rebuild)`, read in one forward pass
-    (the sites in forward order)."""
-    if remote:
-        values = engine.read(
-            model,
-            Tokens(ids, mask),
-            list(dictionaries),
-            remote=remote,
-            all_logits=True,
-            activations=True,
-        )
-        reads = {}
-        for site, dictionary in dictionaries.items():
-            features, error, x = (
-                values.features[site],
-                values.errors[site],
-                values.activations[site],
-            )
-            reads[site] = (features, error, _remote_rebuild(dictionary, site, features, error, x))
-        return values.logits, reads
-    sources, reads = {}, {}
-    with model.trace(**trace_inputs(ids, mask)):
-        for site in dictionaries:
-            hook = spliced(model, site)
-            x, x_in = hook.inputs[0]  # the splice's (x, x_in): x_in where it reads another site
-            sources[site] = (x if x_in is None else x_in).save()
-            reads[site] = (hook.features.output.save(), hook.error.output.save())
-        logits = model.output.logits.save()
-    return logits, {
-        site: (*reads[site], _rebuild(dictionary, sources[site]))
-        for site, dictionary in dictionaries.items()
-    }
+    """The clean logits and every site's `(features, error, rebuild)`, read in one forward pass."""
+    values = engine.read(
+        model,
+        Tokens(ids, mask),
+        list(dictionaries),
+        remote=remote,
+        all_logits=True,
+        activations=True,
+    )
+    reads = {}
+    for site, dictionary in dictionaries.items():
+        features, error, x = values.features[site], values.errors[site], values.activations[site]
+        reads[site] = (features, error, _rebuild(dictionary, site, features, error, x))
+    return values.logits, reads
 
 
-def _rebuild(dictionary: Dictionary, source: torch.Tensor) -> Rebuild:
-    return lambda features: dictionary.reconstruct(features, source)
-
-
-def _remote_rebuild(
+def _rebuild(
     dictionary: Dictionary,
     site: Site,
     features: torch.Tensor,
     error: torch.Tensor,
     x: torch.Tensor,
 ) -> Rebuild:
-    """`_rebuild` from what a request brings back: the site's value `x` is the input of a
+    """The site's `Rebuild` from its clean read: `x` (the site's value) is the input of a
     dictionary that reads its own site; one that reads another (a transcoder, which maps no
     normalisation back) adds `decode(f)` to the skip term its reconstruction `x − error` holds."""
     if dictionary.config.in_site in (None, site):
-        return _rebuild(dictionary, x)
+        return lambda g: dictionary.reconstruct(g, x)
     skip = x - error - dictionary.decode(features)
     return lambda g: dictionary.decode(g) + skip
 
@@ -374,7 +352,7 @@ def _remote_rebuild(
 def _evaluate_site(
     model: Model,
     site: Site,
-    inputs: dict[str, torch.Tensor],
+    tokens: Tokens,
     scored: torch.Tensor,
     features: torch.Tensor,
     error: torch.Tensor,
@@ -385,14 +363,12 @@ def _evaluate_site(
     remote: Remote,
 ) -> torch.Tensor:
     """Accumulate one site's metrics on a batch: reconstruction from the clean run's reads, and one
-    batched trace with the site's activation replaced by its reconstruction and, per entry of
+    batched forward with the site's activation replaced by its reconstruction and, per entry of
     `ablations` (a name and the `(d,)` vector that replaces the activation), ablated. Returns the
     spliced run's CE per real next-token pair."""
-    keep = (~scored).unsqueeze(-1)  # positions whose activation every run leaves untouched
-    if remote:
-        logits = _site_runs_remote(model, site, inputs, ~keep, rebuild, features, ablations, remote)
-    else:
-        logits = _site_runs(model, site, inputs, keep, rebuild, ablations)
+    logits = _site_runs(
+        model, site, tokens, scored.unsqueeze(-1), rebuild, features, ablations, remote
+    )
     x_hat = rebuild(features)
     x = x_hat + error
     totals.add_reconstruction(x[scored], x_hat[scored], features[scored])
@@ -402,43 +378,17 @@ def _evaluate_site(
 def _site_runs(
     model: Model,
     site: Site,
-    inputs: dict[str, torch.Tensor],
-    keep: torch.Tensor,
-    rebuild: Rebuild,
-    ablations: Mapping[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """The logits of the spliced run (error dropped where `keep` is False) and of each ablation,
-    in one batched trace."""
-    hook = spliced(model, site)
-    logits = {}
-    with model.trace() as tracer:
-        with tracer.invoke(**inputs):
-            hook.error.output = hook.error.output * keep
-            logits["spliced"] = model.output.logits.save()
-        for name, value in ablations.items():
-            with tracer.invoke(**inputs):
-                f = hook.features.output
-                hook.features.output = f * keep
-                # rebuild(0) + (value − rebuild(0)) = value at the scored positions
-                replaced = value.to(f) - rebuild(torch.zeros_like(f))
-                hook.error.output = torch.where(keep, hook.error.output, replaced)
-                logits[name] = model.output.logits.save()
-    return logits
-
-
-def _site_runs_remote(
-    model: Model,
-    site: Site,
-    inputs: dict[str, torch.Tensor],
+    tokens: Tokens,
     scored: torch.Tensor,
     rebuild: Rebuild,
     features: torch.Tensor,
     ablations: Mapping[str, torch.Tensor],
     remote: Remote,
 ) -> dict[str, torch.Tensor]:
-    """`_site_runs` as one request that carries the dictionaries: the same edits, as copies
-    (`scored`: `(B, T, 1)`, the positions edited)."""
-    zeros = rebuild(torch.zeros_like(features).to(scored.device))
+    """The logits of the spliced run (error dropped at the `scored` positions, `(B, T, 1)`) and of
+    each ablation (features dropped and the error term set so that the site takes the ablation's
+    value there), as copies of the batch in one forward."""
+    zeros = rebuild(torch.zeros_like(features))
     copies = [{site: SiteEdit(error_mask=scored, error_value=0.0)}] + [
         {
             site: SiteEdit(
@@ -447,7 +397,6 @@ def _site_runs_remote(
         }
         for value in ablations.values()
     ]
-    tokens = Tokens(inputs["input_ids"], inputs["attention_mask"])
     runs = engine.edited(model, tokens, copies, remote=remote, all_logits=True).logits
     return dict(zip(["spliced", *ablations], runs, strict=True))
 
