@@ -40,6 +40,29 @@ above_bar() {  # above_bar FOLDER: its CE increase (measured by train) is above 
   python -c "import json, sys; sys.exit(json.load(open(sys.argv[1] + '/config.json'))['metrics']['ce_delta'] <= 0.05)" "$1"
 }
 k_of() { python -c "import json, sys; print(json.load(open(sys.argv[1] + '/config.json'))['k'])" "$1"; }
+# kl_rounds SET DICT_SIZE START PREFIX: each residual dictionary of SET (trained first in START/)
+# whose CE increase is still above the bar (0.05 nats) continues its KL fine-tuning in rounds of
+# KL_RESID_TOKENS tokens into RUNS/PREFIX-1, -2, ... (each from the previous round's weights), at
+# most KL_RESID_ROUNDS rounds; the last weights are copied to OUT/SET.
+kl_rounds() {
+  local set=$1 size=$2 start=$3 prefix=$4 layer site from to round
+  for ((layer = 0; layer < LAYERS; layer++)); do
+    site=resid.$layer
+    from=$start
+    for ((round = 1; round <= KL_RESID_ROUNDS; round++)); do
+      above_bar "$from/$site" || break
+      to=$RUNS/$prefix-$round
+      trained "$to/$site" ||
+        sae-circuits train --site "$site" --dict-size "$size" --k 32 --loss kl \
+          --init "$from/$site" --lr 3e-4 --tokens "$KL_RESID_TOKENS" "${COMMON[@]}" \
+          --warmup-steps 20 --fp16 --out "$to"
+      from=$to
+    done
+    mkdir -p "$OUT/$set"
+    rm -rf "${OUT:?}/$set/$site"
+    cp -r "$from/$site" "$OUT/$set/$site"
+  done
+}
 
 # 1. MSE + AuxK from scratch (all sites of a k in one pass over the model).
 if run mse; then
@@ -71,24 +94,9 @@ if run kl; then
   done
 fi
 
-# 2b. Residual dictionaries whose CE increase is still above the bar (0.05 nats) continue their KL
-#     fine-tuning in rounds of KL_RESID_TOKENS tokens (each from the previous round's weights), at
-#     most KL_RESID_ROUNDS rounds.
+# 2b. Residual dictionaries of `main` still above the CE bar continue their KL fine-tuning (kl_rounds).
 if run kl-resid; then
-  for ((layer = 0; layer < LAYERS; layer++)); do
-    site=resid.$layer
-    from=$RUNS/kl
-    for ((round = 1; round <= KL_RESID_ROUNDS; round++)); do
-      above_bar "$from/$site" || break
-      to=$RUNS/kl-resid-$round
-      trained "$to/$site" ||
-        sae-circuits train --site "$site" --dict-size 1024 --k 32 --loss kl --init "$from/$site" \
-          --lr 3e-4 --tokens "$KL_RESID_TOKENS" "${COMMON[@]}" --warmup-steps 20 --fp16 --out "$to"
-      from=$to
-    done
-    rm -rf "$OUT/main/$site"
-    cp -r "$from/$site" "$OUT/main/$site"
-  done
+  kl_rounds main 1024 "$RUNS/kl" kl-resid
 fi
 
 # 3. MLP transcoders mlp_in.L -> mlp.L (top-k 64 with AuxK, skip connection), set `transcoders`.
@@ -101,7 +109,8 @@ if run transcoders; then
   done
 fi
 
-# 4. wide: 4096 latents at the residual stream (MSE + AuxK on WIDE_TOKENS, then KL).
+# 4. wide: 4096 latents at the residual stream (MSE + AuxK on WIDE_TOKENS, then KL, then KL rounds
+#    as in 2b).
 if run wide; then
   # shellcheck disable=SC2046
   trained "$RUNS/wide-mse/resid.$((LAYERS - 1))" ||
@@ -118,6 +127,7 @@ if run wide; then
     rm -rf "$OUT/wide/$site"
     cp -r "$RUNS/wide-kl/$site" "$OUT/wide/$site"
   done
+  kl_rounds wide 4096 "$RUNS/wide-kl" wide-kl-resid
 fi
 
 if run report; then
