@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from sae_circuits.embedded.build import _tokenized_corpus
+from sae_circuits.embedded.build import tokenized_corpus
 from sae_circuits.embedded.evaluate import evaluate_ioi, evaluate_model, load_for_eval, token_id
 from sae_circuits.models import embedded_model_path
 from sae_circuits.progress import new_progress
@@ -59,7 +59,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_for_eval(embedded_model_path())
     with new_progress() as progress:
-        tokens, _, _ = _tokenized_corpus(
+        tokens, _, _ = tokenized_corpus(
             tokenizer.backend_tokenizer, args.steps * BATCH * CTX, 1, args.share, progress
         )
     windows = tokens.view(-1, CTX)

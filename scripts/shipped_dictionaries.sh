@@ -123,11 +123,8 @@ if run wide; then
       sae-circuits train --site "$site" --dict-size 4096 --k 32 --loss kl --init "$folder" \
         --lr 3e-4 --tokens "$KL_TOKENS" "${COMMON[@]}" --warmup-steps 20 --fp16 \
         --out "$RUNS/wide-kl"
-    mkdir -p "$OUT/wide"
-    rm -rf "$OUT/wide/$site"
-    cp -r "$RUNS/wide-kl/$site" "$OUT/wide/$site"
   done
-  kl_rounds wide 4096 "$RUNS/wide-kl" wide-kl-resid
+  kl_rounds wide 4096 "$RUNS/wide-kl" wide-kl-resid  # also copies each site's last weights to OUT/wide
 fi
 
 if run report; then

@@ -90,7 +90,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _tokenized_corpus(
+def tokenized_corpus(
     tokenizer: Any, n_tokens: int, seed: int, abc_share: float, progress: Progress
 ) -> tuple[torch.Tensor, str, int]:
     """Stream train documents until `n_tokens` tokens; return (tokens, sha256 of the text, #docs).
@@ -222,7 +222,7 @@ def build_model(
         # 2. training tokens (the same stream from its start), cut into shuffled windows
         t0 = time.time()
         n_seq = cfg.steps * cfg.batch_size
-        tokens, corpus_sha, n_docs = _tokenized_corpus(
+        tokens, corpus_sha, n_docs = tokenized_corpus(
             tokenizer, n_seq * cfg.ctx, seed, cfg.ioi_abc_share, prog
         )
         windows = tokens.view(n_seq, cfg.ctx)
