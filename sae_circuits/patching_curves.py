@@ -5,7 +5,8 @@ then the top k are patched on a test task: `x' = x_corrupt + Σ_{i ∈ top k} (c
 which is the corrupted run with those features set to their clean values and the corrupted error
 term kept. Each curve gives the share of the clean−corrupted metric gap restored and the KL from
 the clean output, and its `ceiling` is the share restored with every feature patched (the clean
-reconstruction plus the corrupted error term).
+reconstruction plus the corrupted error term); `error_restored` is the share restored by patching
+the error term alone (x̄ + (e − ē)), what the dictionary's error carries of the contrast.
 
 Every basis (the dictionary, the PCA, neuron and random baselines) is applied to the site's raw
 activations outside the model, so all bases share one gradient pass per batch for the ranking,
@@ -58,6 +59,7 @@ class PatchingCurve:
     kl: list[float]  # per k: mean KL(clean ‖ patched) at the last position
     ceiling: float  # the share restored with every direction of the basis patched
     ceiling_kl: float
+    error_restored: float  # the share restored by patching only the error term, x̄ + (e − ē)
     clean_metric: float
     corrupt_metric: float
 
@@ -242,9 +244,9 @@ def curves_for_bases(
         for name, score in scores.items()
     }
     grids = {name: k_grid(order.numel(), every_k) for name, order in orders.items()}
-    # per basis: metric sums at each k, then the ceiling (one more copy)
-    sums = {name: torch.zeros(len(grid) + 1) for name, grid in grids.items()}
-    kls = {name: torch.zeros(len(grid) + 1) for name, grid in grids.items()}
+    # per basis: metric sums at each k, then the ceiling and the error term alone (two more copies)
+    sums = {name: torch.zeros(len(grid) + 2) for name, grid in grids.items()}
+    kls = {name: torch.zeros(len(grid) + 2) for name, grid in grids.items()}
     clean_sum = corrupt_sum = 0.0
     plan = forward_plan(model, site)
     n_batches = -(-len(test) // batch_size)
@@ -287,10 +289,11 @@ def curves_for_bases(
             ranking,
             orders[name].tolist(),
             grids[name],
-            restored[:-1],
-            kl[:-1],
+            restored[:-2],
+            kl[:-2],
+            restored[-2],
+            kl[-2],
             restored[-1],
-            kl[-1],
             clean_metric,
             corrupt_metric,
         )
@@ -305,16 +308,19 @@ def _patched_values(
     order: torch.Tensor,
     grid: Sequence[int],
 ) -> torch.Tensor:
-    """`(len(grid) + 1, B, T, D)`: the corrupted activation with the top k directions of `order`
-    patched to their clean values for each k of `grid`, then with every direction patched."""
+    """`(len(grid) + 2, B, T, D)`: the corrupted activation with the top k directions of `order`
+    patched to their clean values for each k of `grid`, then with every direction patched, then
+    with only the error term patched (`x̄ + (e − ē)`, where `e = x − Σ c_i d_i`)."""
     with torch.no_grad():
         delta = (basis.encode(x_clean) - basis.encode(x_corrupt)) * weight
         directions = basis.fixed_directions("patching curves").to(x_clean.dtype)
         steps = delta[..., order].unsqueeze(-1) * directions[order]  # (B, T, K, D)
         cumulative = steps.cumsum(2)[:, :, [k - 1 for k in grid]]  # (B, T, G, D)
         top_k = x_corrupt.unsqueeze(2) + cumulative
-        everything = (x_corrupt + delta @ directions).unsqueeze(2)
-        return torch.cat([top_k, everything], 2).permute(2, 0, 1, 3).contiguous()
+        features = delta @ directions
+        everything = (x_corrupt + features).unsqueeze(2)
+        error = (x_corrupt + (x_clean - x_corrupt) * weight - features).unsqueeze(2)
+        return torch.cat([top_k, everything, error], 2).permute(2, 0, 1, 3).contiguous()
 
 
 # -------------------------------------------------------------------------------- baselines

@@ -286,6 +286,7 @@ def test_ioi_cli_json_on_embedded_model(capsys):
         assert curve["ks"] == [1, 2, 3] and len(curve["restored"]) == len(curve["kl"]) == 3
         assert curve["ceiling"] >= curve["restored"][-1] - 1.0  # a number, the share at K=all
     assert curves["neurons"]["ceiling"] == pytest.approx(1.0, abs=1e-3)
+    assert curves["neurons"]["error_restored"] == pytest.approx(0.0, abs=1e-3)
     argv = ["ioi", "--site", "resid.2", "--search", "greedy", "--greedy-prompts", "8"]
     argv += ["--baseline", "pca_corpus", "--threshold", "0.05", "--json"]
     assert main(argv) == 0

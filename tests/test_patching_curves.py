@@ -100,6 +100,20 @@ def test_curves_and_ceiling(model):
         clean.metric.mean().item() - corrupt.metric.mean().item()
     )
     assert every["sae"].ceiling == pytest.approx(expected, abs=1e-4)
+    # the error term alone: x_corrupt + (e_clean - e_corrupt), by hand; none for exact bases
+    with torch.no_grad():
+        error = (clean.x - sae.decode(sae.encode(clean.x))) - (
+            corrupt.x - sae.decode(sae.encode(corrupt.x))
+        )
+    patched = torch.where(mask, corrupt.x + error, corrupt.x)
+    last = hooked_last_logits(
+        model, site, batch.corrupt.input_ids, batch.corrupt.attention_mask, patched
+    )
+    expected = (batch.metric(last).mean().item() - corrupt.metric.mean().item()) / (
+        clean.metric.mean().item() - corrupt.metric.mean().item()
+    )
+    assert every["sae"].error_restored == pytest.approx(expected, abs=1e-4)
+    assert every["neurons"].error_restored == pytest.approx(0.0, abs=1e-4)
 
 
 def test_k_grid():

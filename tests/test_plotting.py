@@ -21,6 +21,7 @@ def curve(basis: str) -> PatchingCurve:
         [0.2, 0.1],
         0.95,
         0.05,
+        0.04,
         2.0,
         0.0,
     )

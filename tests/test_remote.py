@@ -319,6 +319,7 @@ def test_an_ioi_curve_gives_the_local_points(embedded, simulation, monkeypatch):
     assert there.restored == pytest.approx(here.restored, rel=1e-4, abs=1e-5)
     assert there.kl == pytest.approx(here.kl, rel=1e-4, abs=1e-6)
     assert there.ceiling == pytest.approx(here.ceiling, rel=1e-4, abs=1e-5)
+    assert there.error_restored == pytest.approx(here.error_restored, rel=1e-4, abs=1e-5)
     assert here.clean_metric != pytest.approx(here.corrupt_metric)
 
 

@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the corrupted run on prompts from the held-out templates (x' = x_corrupt + "
             "sum over the top k of (c_i - c_corrupt_i) d_i, the corrupted error term kept), and "
             "report the share of the clean-corrupted logit-difference gap restored, the KL to "
-            "the clean output, and the ceiling (every feature patched). Bases: the dictionary "
+            "the clean output, the ceiling (every feature patched) and the share the error term "
+            "alone restores (x_corrupt + e - e_corrupt). Bases: the dictionary "
             "(sae), PCA fitted on the training text (pca_corpus) and on the task's prompts "
             "(pca_task, supervised by the task), the neuron basis and a random rotation. "
             "--search greedy runs Cunningham et al.'s search instead: patch every feature from "
@@ -180,6 +181,7 @@ def _curve_json(curve: PatchingCurve) -> dict:
         "kl": curve.kl,
         "ceiling": curve.ceiling,
         "ceiling_kl": curve.ceiling_kl,
+        "error_restored": curve.error_restored,
         "features": curve.features,
     }
 

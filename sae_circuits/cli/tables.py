@@ -28,12 +28,13 @@ def metrics_table(results: Mapping[Site, Mapping[str, float]]) -> Table:
 
 def restore_table(curves: Mapping[Site, Mapping[str, PatchingCurve]], max_features: int) -> Table:
     """Per site and basis: the k needed to restore each of `GAP_SHARES` of the gap, the end of the
-    curve and its ceiling (every direction patched)."""
+    curve, its ceiling (every direction patched) and what the error term alone restores."""
     table = Table(title="directions patched to restore the IOI gap (- : not within K)")
     shares = [f"k for {share:.0%}" for share in GAP_SHARES]
     for column in ("site", "basis", *shares, f"restored at K={max_features}", "KL at K"):
         table.add_column(column, justify="left" if column in ("site", "basis") else "right")
     table.add_column("ceiling", justify="right")
+    table.add_column("error alone", justify="right")
     for site, by_basis in curves.items():
         for name, curve in by_basis.items():
             ks = [curve.k_to_restore(share) for share in GAP_SHARES]
@@ -44,6 +45,7 @@ def restore_table(curves: Mapping[Site, Mapping[str, PatchingCurve]], max_featur
                 f"{curve.restored[-1]:.3g}",
                 f"{curve.kl[-1]:.3g}",
                 f"{curve.ceiling:.3g}",
+                f"{curve.error_restored:.3g}",
             )
         table.add_section()
     return table
