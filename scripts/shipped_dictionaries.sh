@@ -12,8 +12,9 @@
 # AuxK, 1024 latents (4096 in `wide`), activations normalised to mean squared norm d; trained on
 # MSE for MSE_TOKENS, then fine-tuned through the spliced model on the KL of the next-token
 # distributions for KL_TOKENS (error term zeroed; `--loss kl --init`); residual dictionaries still
-# above the CE bar continue for up to KL_RESID_ROUNDS x KL_RESID_TOKENS more. k = 32 on the
-# residual stream (quality bar: L0 <= 32) and 64 on attention and MLP outputs (bar: L0 <= 64).
+# above the CE bar continue for up to KL_RESID_ROUNDS x KL_RESID_TOKENS more, then up to
+# KL_DECAY_ROUNDS rounds with a decaying LR. k = 32 on the residual stream (quality bar:
+# L0 <= 32) and 64 on attention and MLP outputs (bar: L0 <= 64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$(python -c "from sae_circuits.models import EMBEDDED_MODEL_NAME as n; print(n)")
@@ -24,6 +25,7 @@ MSE_TOKENS=${MSE_TOKENS:-2000000}
 KL_TOKENS=${KL_TOKENS:-200000}
 KL_RESID_TOKENS=${KL_RESID_TOKENS:-600000}
 KL_RESID_ROUNDS=${KL_RESID_ROUNDS:-3}
+KL_DECAY_ROUNDS=${KL_DECAY_ROUNDS:-2}
 WIDE_TOKENS=${WIDE_TOKENS:-3000000}
 STAGE=${STAGE:-all}
 COMMON=(--seed 0 --kind topk --batch-size 1024 --warmup-steps 100 --n-ctxs 256 --ctx-len 128
@@ -43,19 +45,26 @@ k_of() { python -c "import json, sys; print(json.load(open(sys.argv[1] + '/confi
 # kl_rounds SET DICT_SIZE START PREFIX: each residual dictionary of SET (trained first in START/)
 # whose CE increase is still above the bar (0.05 nats) continues its KL fine-tuning in rounds of
 # KL_RESID_TOKENS tokens into RUNS/PREFIX-1, -2, ... (each from the previous round's weights), at
-# most KL_RESID_ROUNDS rounds; the last weights are copied to OUT/SET.
+# most KL_RESID_ROUNDS rounds at a constant LR, then at most KL_DECAY_ROUNDS rounds whose LR decays
+# linearly to 0 from 30% of their steps (RUNS/PREFIX-decay-1, ...); the last weights are copied to
+# OUT/SET.
 kl_rounds() {
   local set=$1 size=$2 start=$3 prefix=$4 layer site from to round
   for ((layer = 0; layer < LAYERS; layer++)); do
     site=resid.$layer
     from=$start
-    for ((round = 1; round <= KL_RESID_ROUNDS; round++)); do
+    for ((round = 1; round <= KL_RESID_ROUNDS + KL_DECAY_ROUNDS; round++)); do
       above_bar "$from/$site" || break
+      local schedule=()
       to=$RUNS/$prefix-$round
+      if ((round > KL_RESID_ROUNDS)); then
+        schedule=(--decay-start 0.3)
+        to=$RUNS/$prefix-decay-$((round - KL_RESID_ROUNDS))
+      fi
       trained "$to/$site" ||
         sae-circuits train --site "$site" --dict-size "$size" --k 32 --loss kl \
           --init "$from/$site" --lr 3e-4 --tokens "$KL_RESID_TOKENS" "${COMMON[@]}" \
-          --warmup-steps 20 --fp16 --out "$to"
+          --warmup-steps 20 "${schedule[@]}" --fp16 --out "$to"
       from=$to
     done
     mkdir -p "$OUT/$set"
