@@ -5,16 +5,17 @@
 #   bash scripts/shipped_dictionaries.sh          # every stage; rerunning resumes: finished
 #                                                 # dictionaries are skipped, an interrupted train
 #                                                 # command resumes from its OUT/.checkpoint
-#   STAGE=mse bash scripts/shipped_dictionaries.sh   # one stage: mse, kl, kl-resid, transcoders,
-#                                                    # wide or report
+#   STAGE=mse bash scripts/shipped_dictionaries.sh   # one stage: mse, kl, kl-resid, main-large,
+#                                                    # transcoders, wide or report
 #
 # Recipe (chosen by the Pareto study of docs/training.md on resid.2): top-k dictionaries with
 # AuxK, 1024 latents (4096 in `wide`), activations normalised to mean squared norm d; trained on
 # MSE for MSE_TOKENS, then fine-tuned through the spliced model on the KL of the next-token
 # distributions for KL_TOKENS (error term zeroed; `--loss kl --init`); residual dictionaries still
 # above the CE bar continue for up to KL_RESID_ROUNDS x KL_RESID_TOKENS more, then up to
-# KL_DECAY_ROUNDS rounds with a decaying LR. k = 32 on the residual stream (quality bar:
-# L0 <= 32) and 64 on attention and MLP outputs (bar: L0 <= 64).
+# KL_DECAY_ROUNDS rounds with a decaying LR; one still above it after all rounds is trained again
+# with LARGE_SIZE latents. k = 32 on the residual stream (quality bar: L0 <= 32) and 64 on
+# attention and MLP outputs (bar: L0 <= 64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$(python -c "from sae_circuits.models import EMBEDDED_MODEL_NAME as n; print(n)")
@@ -26,6 +27,7 @@ KL_TOKENS=${KL_TOKENS:-200000}
 KL_RESID_TOKENS=${KL_RESID_TOKENS:-600000}
 KL_RESID_ROUNDS=${KL_RESID_ROUNDS:-3}
 KL_DECAY_ROUNDS=${KL_DECAY_ROUNDS:-2}
+LARGE_SIZE=${LARGE_SIZE:-2048}
 WIDE_TOKENS=${WIDE_TOKENS:-3000000}
 STAGE=${STAGE:-all}
 COMMON=(--seed 0 --kind topk --batch-size 1024 --warmup-steps 100 --n-ctxs 256 --ctx-len 128
@@ -36,22 +38,23 @@ sites() {  # sites KIND...: KIND.0 ... KIND.(LAYERS-1) for each kind, as --site 
     for ((layer = 0; layer < LAYERS; layer++)); do printf -- '--site %s.%d ' "$kind" "$layer"; done
   done
 }
+resid_sites() { for ((layer = 0; layer < LAYERS; layer++)); do echo "resid.$layer"; done; }
 run() { [[ "$STAGE" == all || "$STAGE" == "$1" ]]; }
 trained() { [[ -f "$1/config.json" ]]; }  # a finished train command saved its config last
 above_bar() {  # above_bar FOLDER: its CE increase (measured by train) is above 0.05 nats
   python -c "import json, sys; sys.exit(json.load(open(sys.argv[1] + '/config.json'))['metrics']['ce_delta'] <= 0.05)" "$1"
 }
 k_of() { python -c "import json, sys; print(json.load(open(sys.argv[1] + '/config.json'))['k'])" "$1"; }
-# kl_rounds SET DICT_SIZE START PREFIX: each residual dictionary of SET (trained first in START/)
-# whose CE increase is still above the bar (0.05 nats) continues its KL fine-tuning in rounds of
+# kl_rounds SET DICT_SIZE START PREFIX SITE...: each dictionary of SET at SITE (trained first in
+# START/) whose CE increase is still above the bar (0.05 nats) continues its KL fine-tuning in rounds of
 # KL_RESID_TOKENS tokens into RUNS/PREFIX-1, -2, ... (each from the previous round's weights), at
 # most KL_RESID_ROUNDS rounds at a constant LR, then at most KL_DECAY_ROUNDS rounds whose LR decays
 # linearly to 0 from 30% of their steps (RUNS/PREFIX-decay-1, ...); the last weights are copied to
 # OUT/SET.
 kl_rounds() {
-  local set=$1 size=$2 start=$3 prefix=$4 layer site from to round
-  for ((layer = 0; layer < LAYERS; layer++)); do
-    site=resid.$layer
+  local set=$1 size=$2 start=$3 prefix=$4 site from to round
+  shift 4
+  for site in "$@"; do
     from=$start
     for ((round = 1; round <= KL_RESID_ROUNDS + KL_DECAY_ROUNDS; round++)); do
       above_bar "$from/$site" || break
@@ -105,7 +108,30 @@ fi
 
 # 2b. Residual dictionaries of `main` still above the CE bar continue their KL fine-tuning (kl_rounds).
 if run kl-resid; then
-  kl_rounds main 1024 "$RUNS/kl" kl-resid
+  # shellcheck disable=SC2046
+  kl_rounds main 1024 "$RUNS/kl" kl-resid $(resid_sites)
+fi
+
+# 2c. A residual dictionary of `main` still above the CE bar after every round is trained again
+#     with LARGE_SIZE latents (MSE, KL, then the rounds of 2b) and replaces it in `main`.
+if run main-large; then
+  above=()
+  for site in $(resid_sites); do
+    if above_bar "$OUT/main/$site" || trained "$RUNS/mse-large/$site"; then above+=("$site"); fi
+  done
+  if ((${#above[@]})); then
+    # shellcheck disable=SC2046
+    trained "$RUNS/mse-large/${above[-1]}" ||
+      sae-circuits train $(printf -- '--site %s ' "${above[@]}") --dict-size "$LARGE_SIZE" \
+        --k 32 --normalize --tokens "$MSE_TOKENS" "${COMMON[@]}" --out "$RUNS/mse-large"
+    for site in "${above[@]}"; do
+      trained "$RUNS/kl-large/$site" ||
+        sae-circuits train --site "$site" --dict-size "$LARGE_SIZE" --k 32 --loss kl \
+          --init "$RUNS/mse-large/$site" --lr 3e-4 --tokens "$KL_TOKENS" "${COMMON[@]}" \
+          --warmup-steps 20 --fp16 --out "$RUNS/kl-large"
+    done
+    kl_rounds main "$LARGE_SIZE" "$RUNS/kl-large" kl-large-resid "${above[@]}"
+  fi
 fi
 
 # 3. MLP transcoders mlp_in.L -> mlp.L (top-k 64 with AuxK, skip connection), set `transcoders`.
@@ -133,7 +159,8 @@ if run wide; then
         --lr 3e-4 --tokens "$KL_TOKENS" "${COMMON[@]}" --warmup-steps 20 --fp16 \
         --out "$RUNS/wide-kl"
   done
-  kl_rounds wide 4096 "$RUNS/wide-kl" wide-kl-resid  # also copies each site's last weights to OUT/wide
+  # shellcheck disable=SC2046
+  kl_rounds wide 4096 "$RUNS/wide-kl" wide-kl-resid $(resid_sites)  # copies the last weights to OUT/wide
 fi
 
 if run report; then
