@@ -5,16 +5,16 @@
 #   bash scripts/shipped_dictionaries.sh          # every stage; rerunning resumes: finished
 #                                                 # dictionaries are skipped, an interrupted train
 #                                                 # command resumes from its OUT/.checkpoint
-#   STAGE=mse bash scripts/shipped_dictionaries.sh   # one stage: mse, kl, kl-resid, main-large,
-#                                                    # transcoders, wide or report
+#   STAGE=mse bash scripts/shipped_dictionaries.sh   # one stage: mse, kl, kl-resid, transcoders,
+#                                                    # wide, main-wide or report
 #
 # Recipe (chosen by the Pareto study of docs/training.md on resid.2): top-k dictionaries with
 # AuxK, 1024 latents (4096 in `wide`), activations normalised to mean squared norm d; trained on
 # MSE for MSE_TOKENS, then fine-tuned through the spliced model on the KL of the next-token
 # distributions for KL_TOKENS (error term zeroed; `--loss kl --init`); residual dictionaries still
 # above the CE bar continue for up to KL_RESID_ROUNDS x KL_RESID_TOKENS more, then up to
-# KL_DECAY_ROUNDS rounds with a decaying LR; one still above it after all rounds is trained again
-# with LARGE_SIZE latents. k = 32 on the residual stream (quality bar: L0 <= 32) and 64 on
+# KL_DECAY_ROUNDS rounds with a decaying LR; one of `main` still above it after all rounds is
+# replaced by `wide`'s. k = 32 on the residual stream (quality bar: L0 <= 32) and 64 on
 # attention and MLP outputs (bar: L0 <= 64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,6 @@ KL_TOKENS=${KL_TOKENS:-200000}
 KL_RESID_TOKENS=${KL_RESID_TOKENS:-600000}
 KL_RESID_ROUNDS=${KL_RESID_ROUNDS:-3}
 KL_DECAY_ROUNDS=${KL_DECAY_ROUNDS:-2}
-LARGE_SIZE=${LARGE_SIZE:-2048}
 WIDE_TOKENS=${WIDE_TOKENS:-3000000}
 STAGE=${STAGE:-all}
 COMMON=(--seed 0 --kind topk --batch-size 1024 --warmup-steps 100 --n-ctxs 256 --ctx-len 128
@@ -112,28 +111,6 @@ if run kl-resid; then
   kl_rounds main 1024 "$RUNS/kl" kl-resid $(resid_sites)
 fi
 
-# 2c. A residual dictionary of `main` still above the CE bar after every round is trained again
-#     with LARGE_SIZE latents (MSE, KL, then the rounds of 2b) and replaces it in `main`.
-if run main-large; then
-  above=()
-  for site in $(resid_sites); do
-    if above_bar "$OUT/main/$site" || trained "$RUNS/mse-large/$site"; then above+=("$site"); fi
-  done
-  if ((${#above[@]})); then
-    # shellcheck disable=SC2046
-    trained "$RUNS/mse-large/${above[-1]}" ||
-      sae-circuits train $(printf -- '--site %s ' "${above[@]}") --dict-size "$LARGE_SIZE" \
-        --k 32 --normalize --tokens "$MSE_TOKENS" "${COMMON[@]}" --out "$RUNS/mse-large"
-    for site in "${above[@]}"; do
-      trained "$RUNS/kl-large/$site" ||
-        sae-circuits train --site "$site" --dict-size "$LARGE_SIZE" --k 32 --loss kl \
-          --init "$RUNS/mse-large/$site" --lr 3e-4 --tokens "$KL_TOKENS" "${COMMON[@]}" \
-          --warmup-steps 20 --fp16 --out "$RUNS/kl-large"
-    done
-    kl_rounds main "$LARGE_SIZE" "$RUNS/kl-large" kl-large-resid "${above[@]}"
-  fi
-fi
-
 # 3. MLP transcoders mlp_in.L -> mlp.L (top-k 64 with AuxK, skip connection), set `transcoders`.
 if run transcoders; then
   for ((layer = 0; layer < LAYERS; layer++)); do
@@ -161,6 +138,18 @@ if run wide; then
   done
   # shellcheck disable=SC2046
   kl_rounds wide 4096 "$RUNS/wide-kl" wide-kl-resid $(resid_sites)  # copies the last weights to OUT/wide
+fi
+
+# 5. A residual dictionary of `main` still above the CE bar after every round of 2b is replaced by
+#    `wide`'s at that site (4096 latents): at 1024 latents the rounds level off above the bar.
+if run main-wide; then
+  for site in $(resid_sites); do
+    if above_bar "$OUT/main/$site"; then
+      above_bar "$OUT/wide/$site" && { echo "wide/$site is above the CE bar too" >&2; exit 1; }
+      rm -rf "${OUT:?}/main/$site"
+      cp -r "$OUT/wide/$site" "$OUT/main/$site"
+    fi
+  done
 fi
 
 if run report; then
