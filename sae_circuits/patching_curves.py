@@ -244,9 +244,14 @@ def curves_for_bases(
         for name, score in scores.items()
     }
     grids = {name: k_grid(order.numel(), every_k) for name, order in orders.items()}
-    # per basis: metric sums at each k, then the ceiling and the error term alone (two more copies)
-    sums = {name: torch.zeros(len(grid) + 2) for name, grid in grids.items()}
-    kls = {name: torch.zeros(len(grid) + 2) for name, grid in grids.items()}
+    # per basis: metric sums at each k, then the ceiling and, unless the basis is exact (a
+    # LinearBasis: no error term), the error term alone
+    copies = {
+        name: len(grid) + (1 if isinstance(bases[name], LinearBasis) else 2)
+        for name, grid in grids.items()
+    }
+    sums = {name: torch.zeros(n) for name, n in copies.items()}
+    kls = {name: torch.zeros(n) for name, n in copies.items()}
     clean_sum = corrupt_sum = 0.0
     plan = forward_plan(model, site)
     n_batches = -(-len(test) // batch_size)
@@ -280,20 +285,21 @@ def curves_for_bases(
     clean_metric, corrupt_metric = clean_sum / n, corrupt_sum / n
     gap = clean_metric - corrupt_metric
     curves = {}
-    for name in bases:
+    for name, grid in grids.items():
         restored = ((sums[name] / n - corrupt_metric) / gap).tolist()  # inf/nan: no gap
         kl = (kls[name] / n).tolist()
+        error_restored = restored[len(grid) + 1] if len(restored) > len(grid) + 1 else 0.0
         curves[name] = PatchingCurve(
             str(site),
             name,
             ranking,
             orders[name].tolist(),
             grids[name],
-            restored[:-2],
-            kl[:-2],
-            restored[-2],
-            kl[-2],
-            restored[-1],
+            restored[: len(grid)],
+            kl[: len(grid)],
+            restored[len(grid)],
+            kl[len(grid)],
+            error_restored,
             clean_metric,
             corrupt_metric,
         )
@@ -310,7 +316,8 @@ def _patched_values(
 ) -> torch.Tensor:
     """`(len(grid) + 2, B, T, D)`: the corrupted activation with the top k directions of `order`
     patched to their clean values for each k of `grid`, then with every direction patched, then
-    with only the error term patched (`x̄ + (e − ē)`, where `e = x − Σ c_i d_i`)."""
+    with only the error term patched (`x̄ + (e − ē)`, where `e = x − Σ c_i d_i`; left out for a
+    `LinearBasis`, whose error term is zero: `len(grid) + 1` copies)."""
     with torch.no_grad():
         delta = (basis.encode(x_clean) - basis.encode(x_corrupt)) * weight
         directions = basis.fixed_directions("patching curves").to(x_clean.dtype)
@@ -319,8 +326,10 @@ def _patched_values(
         top_k = x_corrupt.unsqueeze(2) + cumulative
         features = delta @ directions
         everything = (x_corrupt + features).unsqueeze(2)
-        error = (x_corrupt + (x_clean - x_corrupt) * weight - features).unsqueeze(2)
-        return torch.cat([top_k, everything, error], 2).permute(2, 0, 1, 3).contiguous()
+        copies = [top_k, everything]
+        if not isinstance(basis, LinearBasis):
+            copies.append((x_corrupt + (x_clean - x_corrupt) * weight - features).unsqueeze(2))
+        return torch.cat(copies, 2).permute(2, 0, 1, 3).contiguous()
 
 
 # -------------------------------------------------------------------------------- baselines
