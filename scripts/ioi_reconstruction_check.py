@@ -35,9 +35,10 @@ def run_with(
     seen = {}
 
     def hook(module, inputs, output):
-        seen["x"] = output[0]
+        packed = isinstance(output, tuple)  # a block returns a tuple in some transformers versions
+        seen["x"] = output[0] if packed else output
         if replace is not None:
-            return (replace, *output[1:])
+            return (replace, *output[1:]) if packed else replace
 
     handle = block.register_forward_hook(hook)
     try:
