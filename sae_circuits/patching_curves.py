@@ -245,13 +245,10 @@ def curves_for_bases(
     }
     grids = {name: k_grid(order.numel(), every_k) for name, order in orders.items()}
     # per basis: metric sums at each k, then the ceiling and, unless the basis is exact (a
-    # LinearBasis: no error term), the error term alone
-    copies = {
-        name: len(grid) + (1 if isinstance(bases[name], LinearBasis) else 2)
-        for name, grid in grids.items()
-    }
-    sums = {name: torch.zeros(n) for name, n in copies.items()}
-    kls = {name: torch.zeros(n) for name, n in copies.items()}
+    # LinearBasis has no error term), the error term alone
+    with_error = {name: not isinstance(basis, LinearBasis) for name, basis in bases.items()}
+    sums = {name: torch.zeros(len(grid) + 1 + with_error[name]) for name, grid in grids.items()}
+    kls = {name: torch.zeros(len(grid) + 1 + with_error[name]) for name, grid in grids.items()}
     clean_sum = corrupt_sum = 0.0
     plan = forward_plan(model, site)
     n_batches = -(-len(test) // batch_size)
@@ -266,7 +263,7 @@ def curves_for_bases(
             values: list[torch.Tensor] = []
             for name, basis in bases.items():
                 stack = _patched_values(
-                    basis, clean.x, corrupt.x, weight, orders[name], grids[name]
+                    basis, clean.x, corrupt.x, weight, orders[name], grids[name], with_error[name]
                 )
                 values.append(stack)
                 slots += [(name, j) for j in range(stack.shape[0])]
@@ -288,7 +285,7 @@ def curves_for_bases(
     for name, grid in grids.items():
         restored = ((sums[name] / n - corrupt_metric) / gap).tolist()  # inf/nan: no gap
         kl = (kls[name] / n).tolist()
-        error_restored = restored[len(grid) + 1] if len(restored) > len(grid) + 1 else 0.0
+        error_restored = restored[len(grid) + 1] if with_error[name] else 0.0
         curves[name] = PatchingCurve(
             str(site),
             name,
@@ -313,11 +310,12 @@ def _patched_values(
     weight: torch.Tensor,
     order: torch.Tensor,
     grid: Sequence[int],
+    with_error: bool,
 ) -> torch.Tensor:
-    """`(len(grid) + 2, B, T, D)`: the corrupted activation with the top k directions of `order`
-    patched to their clean values for each k of `grid`, then with every direction patched, then
-    with only the error term patched (`x̄ + (e − ē)`, where `e = x − Σ c_i d_i`; left out for a
-    `LinearBasis`, whose error term is zero: `len(grid) + 1` copies)."""
+    """`(len(grid) + 1 + with_error, B, T, D)`: the corrupted activation with the top k directions
+    of `order` patched to their clean values for each k of `grid`, then with every direction
+    patched, then (`with_error`) with only the error term patched (`x̄ + (e − ē)`, where
+    `e = x − Σ c_i d_i`)."""
     with torch.no_grad():
         delta = (basis.encode(x_clean) - basis.encode(x_corrupt)) * weight
         directions = basis.fixed_directions("patching curves").to(x_clean.dtype)
@@ -327,7 +325,7 @@ def _patched_values(
         features = delta @ directions
         everything = (x_corrupt + features).unsqueeze(2)
         copies = [top_k, everything]
-        if not isinstance(basis, LinearBasis):
+        if with_error:
             copies.append((x_corrupt + (x_clean - x_corrupt) * weight - features).unsqueeze(2))
         return torch.cat(copies, 2).permute(2, 0, 1, 3).contiguous()
 

@@ -1,7 +1,7 @@
 """Where an IOI patching ceiling is lost, checked with plain PyTorch hooks on the embedded model.
 
-One prompt pair at a time, for each residual site, on the held-out IOI prompts (ABC corruption), the share of the clean −
-corrupted logit-difference gap restored by three edits at every position:
+One prompt pair at a time, for each residual site, on the held-out IOI prompts (ABC corruption):
+the share of the clean − corrupted logit-difference gap restored by three edits at every position:
 
 - `ceiling`: the clean reconstruction plus the corrupted error term, x̄ + (x̂ − x̂̄)
   (what `sae-circuits ioi` reports as the ceiling);

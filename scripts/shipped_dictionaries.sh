@@ -45,11 +45,11 @@ above_bar() {  # above_bar FOLDER: its CE increase (measured by train) is above 
 }
 k_of() { python -c "import json, sys; print(json.load(open(sys.argv[1] + '/config.json'))['k'])" "$1"; }
 # kl_rounds SET DICT_SIZE START PREFIX SITE...: each dictionary of SET at SITE (trained first in
-# START/) whose CE increase is still above the bar (0.05 nats) continues its KL fine-tuning in rounds of
-# KL_RESID_TOKENS tokens into RUNS/PREFIX-1, -2, ... (each from the previous round's weights), at
-# most KL_RESID_ROUNDS rounds at a constant LR, then at most KL_DECAY_ROUNDS rounds whose LR decays
-# linearly to 0 from 30% of their steps (RUNS/PREFIX-decay-1, ...); the last weights are copied to
-# OUT/SET.
+# START/) whose CE increase is still above the bar (0.05 nats) continues its KL fine-tuning in
+# rounds of KL_RESID_TOKENS tokens into RUNS/PREFIX-1, -2, ... (each from the previous round's
+# weights), at most KL_RESID_ROUNDS rounds at a constant LR, then at most KL_DECAY_ROUNDS rounds whose
+# LR decays linearly to 0 from 30% of their steps (RUNS/PREFIX-decay-1, ...); the last weights are
+# copied to OUT/SET.
 kl_rounds() {
   local set=$1 size=$2 start=$3 prefix=$4 site from to round
   shift 4
