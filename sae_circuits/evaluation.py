@@ -4,7 +4,8 @@ A first pass reads every site (one trace per batch that stops after the last sit
 activation over the evaluated positions. Then per batch, one trace runs the clean model (reading
 every site's features and error), and per site one batched trace runs the model with the site's
 error set to zero (the activation replaced by its reconstruction), with the site zero-ablated and
-with the site mean-ablated (replaced by that mean). Metrics, over non-pad positions (and, with
+with the site mean-ablated (replaced by that mean); `ablations=False` runs neither ablation (nor
+the first pass), leaving their metrics NaN. Metrics, over non-pad positions (and, with
 `skip_first`, not the first real position of each row, which is BOS and keeps its activation in
 every run), in the order of `METRIC_KEYS`:
 
@@ -82,9 +83,7 @@ class _SiteTotals:
     cosine: float = 0.0
     fires: torch.Tensor = field(init=False)
     ce_tokens: int = 0
-    ce: dict[str, float] = field(
-        default_factory=lambda: dict.fromkeys(("clean", "spliced", "zero", "mean"), 0.0)
-    )
+    ce: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("clean", "spliced"), 0.0))
     kl: float = 0.0
 
     def __post_init__(self) -> None:
@@ -112,7 +111,7 @@ class _SiteTotals:
         for name, run_logits in logits.items():
             log_probs[name] = clean.log_probs_of(run_logits)
             token_ce[name] = F.nll_loss(log_probs[name], clean.targets, reduction="none")
-            self.ce[name] += token_ce[name].sum().item()
+            self.ce[name] = self.ce.get(name, 0.0) + token_ce[name].sum().item()
         self.kl += F.kl_div(
             log_probs["spliced"], clean.log_probs, log_target=True, reduction="sum"
         ).item()
@@ -124,7 +123,10 @@ class _SiteTotals:
         d = self.sum_x.numel() if self.sum_x is not None else 1
         total_variance = self.sum_x_squared - (self.sum_x.pow(2).sum().item() / n if n else 0)
         nmse = self.squared_error / total_variance if total_variance > 0 else float("nan")
-        ce = {name: value / max(self.ce_tokens, 1) for name, value in self.ce.items()}
+        ce = {  # NaN for an ablation not run
+            name: self.ce[name] / max(self.ce_tokens, 1) if name in self.ce else float("nan")
+            for name in ("clean", "spliced", "zero", "mean")
+        }
         frequency = self.fires / n
         return {
             "ce_delta": ce["spliced"] - ce["clean"],
@@ -160,6 +162,7 @@ def evaluate(
     means: Mapping[str | Site, torch.Tensor] | None = None,
     worst: int = 0,
     remote: Remote = False,
+    ablations: bool = True,
 ) -> SiteMap:
     """Metrics (see module docstring) for each dictionary: a `SiteMap` of metric dicts.
 
@@ -171,20 +174,22 @@ def evaluate(
     `worst` > 0 adds `"worst"` to each site's metrics: the `worst` next-token predictions whose CE
     rises the most when the site is spliced in (`WorstTokens.rows`). `remote` (True: NDIF,
     "local": nnsight's simulation) runs every trace as a request that carries the dictionaries.
+    `ablations=False` skips the zero- and mean-ablated runs (a third of the forward passes) and
+    the mean pass: `loss_recovered`, `loss_recovered_mean`, `ce_zero` and `ce_mean` are NaN.
     """
     dictionaries = SiteMap(dictionaries)
     batches = list(batches)
     totals = {site: _SiteTotals(dictionary.d_dict) for site, dictionary in dictionaries.items()}
     worst_tokens = {site: WorstTokens(worst) for site in dictionaries}
-    passes = 1 if means is not None else 2
+    passes = 1 if means is not None or not ablations else 2
     with (
         temporarily_attached(model, dictionaries),
         torch.no_grad(),
         progress_bar("evaluating", passes * len(batches), enabled=progress) as bar,
     ):
-        if means is None:
+        if means is None and ablations:
             means = mean_activations(model, list(dictionaries), batches, skip_first, bar, remote)
-        means = SiteMap(means)
+        means = SiteMap(means or {})
         for index, batch in enumerate(batches):
             ids, mask = split_batch(batch)
             scored = scored_positions(mask, skip_first)
@@ -193,7 +198,11 @@ def evaluate(
             clean = _CleanTokens(clean_logits, ids, mask)
             for site in dictionaries:
                 features, error, rebuild = reads[site]
-                ablations = {"zero": torch.zeros_like(means[site]), "mean": means[site]}
+                replaced = (
+                    {"zero": torch.zeros_like(means[site]), "mean": means[site]}
+                    if ablations
+                    else {}
+                )
                 spliced_ce = _evaluate_site(
                     model,
                     site,
@@ -202,7 +211,7 @@ def evaluate(
                     features,
                     error,
                     rebuild,
-                    ablations,
+                    replaced,
                     clean,
                     totals[site],
                     remote,

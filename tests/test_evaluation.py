@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -263,3 +264,32 @@ def test_precomputed_means_give_the_same_metrics(models):
     ]
     for key, value in alone.items():
         assert given[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+ABLATION_KEYS = ("loss_recovered_mean", "loss_recovered", "ce_zero", "ce_mean")
+
+
+def test_without_ablations_the_other_metrics_are_unchanged(models):
+    """`ablations=False` skips the ablated runs: their four metrics are NaN, every other one equals
+    the full evaluation's."""
+    model = models["gpt_neox"]
+    dictionary = random_untied(model.config.hidden_size, site="resid.0")
+    batches = [token_batch(model, n_rows=2)]
+    full = evaluate(model, {"resid.0": dictionary}, batches, progress=False)["resid.0"]
+    lean = evaluate(model, {"resid.0": dictionary}, batches, progress=False, ablations=False)[
+        "resid.0"
+    ]
+    assert list(lean) == list(full)
+    for key, value in full.items():
+        if key in ABLATION_KEYS:
+            assert math.isnan(lean[key]) and not math.isnan(value), key
+        else:
+            assert lean[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_eval_cli_no_ablations_writes_null(model_dirs, tmp_path, capsys):
+    folder = random_untied(32, site="resid.1").save(tmp_path / "d")
+    assert main(eval_args(model_dirs, folder, "--json", "--no-ablations")) == 0
+    result = json.loads(capsys.readouterr().out)  # strict JSON: not measured is null, not NaN
+    assert all(result[key] is None for key in ABLATION_KEYS)
+    assert isinstance(result["ce_delta"], float) and isinstance(result["kl"], float)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -96,7 +97,8 @@ def wrote(*paths: str | Path) -> None:
 
 
 def json_text(obj: Any) -> str:
-    """`obj` as an indented JSON document; sites and nodes, also as keys, in their text form."""
+    """`obj` as an indented, strict JSON document: sites and nodes, also as keys, in their text
+    form; NaN (a metric not measured or undefined) as null."""
     return json.dumps(_text_keys(obj), indent=2, default=_json_default)
 
 
@@ -111,6 +113,8 @@ def _text_keys(obj: Any) -> Any:
         return {str(k) if isinstance(k, Site | Node) else k: _text_keys(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_text_keys(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
     return obj
 
 

@@ -75,6 +75,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--html", type=Path, metavar="PATH", help="with --worst: write those contexts as a page"
     )
+    parser.add_argument(
+        "--no-ablations",
+        dest="ablations",
+        action="store_false",
+        help="skip the zero- and mean-ablated runs, a third of the work: the loss-recovered "
+        "columns (and ce_zero, ce_mean) are then not measured (NaN)",
+    )
     add_remote_argument(parser)
     add_json_argument(parser)
     parser.epilog = (
@@ -99,7 +106,12 @@ def run(args: argparse.Namespace) -> int:
     dictionaries = _dictionaries(args)
     model = model_from_args(args)
     results = evaluate(
-        model, dictionaries, text_batches(args, model), worst=args.worst, remote=args.remote
+        model,
+        dictionaries,
+        text_batches(args, model),
+        worst=args.worst,
+        remote=args.remote,
+        ablations=args.ablations,
     )
     if args.json:
         by_site = {site: {key: m[key] for key in METRIC_KEYS} | m for site, m in results.items()}
