@@ -9,7 +9,13 @@ reconstruction itself. Per batch of token contexts:
 - per dictionary, one trace of the model with that dictionary spliced in (the splice users trace,
   `sae_circuits.splice`) and its error term set to zero at the scored positions gives
   `kl`: mean KL(clean ‖ spliced) over the pairs, and for `e2e-ds` the normalized squared error of
-  every later residual-stream site, `‖a_spliced − a_clean‖² / mean ‖a_clean‖²`, averaged over them.
+  every later residual-stream site, `‖a_spliced − a_clean‖² / mean ‖a_clean‖²`, averaged over them;
+- with `error_swap` = s > 0, a share s of the KL comes from a second trace in which each scored
+  position takes its reconstruction plus the error term of the scored position half a batch away
+  (another context): x̂ + e'. The KL with the error term dropped keeps a reconstruction that the
+  model reads as it reads x, but leaves the error terms free to hold what the model reads, which
+  then moves the output when error terms and features of different inputs are combined (the
+  IOI ceiling: clean features with the corrupted error term). The swapped term penalises that.
 
 The first real position of each context (BOS) keeps its activation, as in evaluation.
 """
@@ -95,17 +101,28 @@ def spliced_loss(
     clean: CleanRun,
     downstream: list[Site] | None = None,
     downstream_coefficient: float = 1.0,
+    error_swap: float = 0.0,
 ) -> torch.Tensor:
     """KL(clean ‖ spliced) with the dictionary attached at `site` replacing the activation (its
     error term zeroed at the scored positions), plus `downstream_coefficient` × the mean normalized
-    squared error of the `downstream` sites when given. Differentiable in the dictionary."""
+    squared error of the `downstream` sites when given. With `error_swap` = s, (1 − s) of that KL
+    and s of the KL with the error terms swapped between contexts (`swapped_errors`) instead.
+    Differentiable in the dictionary."""
     hook = spliced(model, site)
+    loss = torch.zeros(())
+    if error_swap > 0:
+        with model.trace(**clean.inputs):
+            hook.error.output = swapped_errors(hook.error.output, clean.scored)
+            logits = model.output.logits.save()
+        loss = error_swap * kl_to_clean(_log_probs(logits, clean.pairs), clean.log_probs)
+    if error_swap == 1 and not downstream:
+        return loss
     keep = (~clean.scored).unsqueeze(-1)
     with model.trace(**clean.inputs):
         hook.error.output = hook.error.output * keep
         later = nnsight.save([read_site(model, s) for s in downstream or []])
         logits = model.output.logits.save()
-    loss = kl_to_clean(_log_probs(logits, clean.pairs), clean.log_probs)
+    loss = loss + (1 - error_swap) * kl_to_clean(_log_probs(logits, clean.pairs), clean.log_probs)
     if downstream:
         errors = [
             normalized_squared_error(value[clean.scored], clean.scored_activations(s))
@@ -113,6 +130,16 @@ def spliced_loss(
         ]
         loss = loss + downstream_coefficient * torch.stack(errors).mean()
     return loss
+
+
+def swapped_errors(error: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """`error` `(batch, ctx, d)` with the values at the `scored` positions rolled by half their
+    number, so that each takes the error term of a position in another context (when the batch has
+    two rows or more); the other positions keep theirs."""
+    values = error[scored]
+    swapped = error.clone()
+    swapped[scored] = values.roll(len(values) // 2, dims=0)
+    return swapped
 
 
 def kl_to_clean(log_probs: torch.Tensor, clean_log_probs: torch.Tensor) -> torch.Tensor:
@@ -137,4 +164,5 @@ __all__ = [
     "kl_to_clean",
     "normalized_squared_error",
     "spliced_loss",
+    "swapped_errors",
 ]

@@ -56,7 +56,8 @@ class TrainSpec:
     dead latents). `loss="kl"` replaces `‖x − x̂‖²` by KL(clean ‖ spliced) of the next-token
     distributions with the dictionary spliced into the model, `"e2e-ds"` adds
     `downstream_coefficient` × the mean normalized MSE of the later residual-stream sites
-    (Braun et al. 2024).
+    (Braun et al. 2024). `error_swap` = s takes s of the KL with another context's error term
+    added to the reconstruction instead of none (`objectives.spliced_loss`).
     """
 
     key: str = field(metadata={"help": "the entry of the stream's batches to train on"})
@@ -93,6 +94,15 @@ class TrainSpec:
     aux_coefficient: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss"})
     downstream_coefficient: float = field(
         default=1.0, metadata={"help": "e2e-ds: weight of the downstream normalized MSE"}
+    )
+    error_swap: float = field(
+        default=0.0,
+        metadata={
+            "help": "kl, e2e-ds: share of the KL taken with another context's error term added to "
+            "the reconstruction (x_hat + e') instead of none, so that the model stops reading "
+            "what the error terms hold",
+            "metavar": "SHARE",
+        },
     )
     target_key: str | None = field(
         default=None, metadata={"help": "transcoders: the stream entry to reconstruct"}
@@ -208,6 +218,11 @@ class TrainSpec:
             (
                 self.aux_coefficient >= 0 and self.downstream_coefficient >= 0,
                 "aux_coefficient and downstream_coefficient must be >= 0",
+            ),
+            (0 <= self.error_swap <= 1, "error_swap must be between 0 and 1"),
+            (
+                self.error_swap == 0 or self.loss != "mse",
+                "error_swap is a share of the KL: it needs loss kl or e2e-ds",
             ),
             (
                 transcoder == (self.target_key is not None),

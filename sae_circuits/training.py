@@ -375,7 +375,12 @@ class _BatchReader:
             replace_dictionary(self.model, site, member.dictionary)
             downstream = self.downstream.get(site) if spec.loss == "e2e-ds" else None
             return spliced_loss(
-                self.model, site, self.clean, downstream, spec.downstream_coefficient
+                self.model,
+                site,
+                self.clean,
+                downstream,
+                spec.downstream_coefficient,
+                spec.error_swap,
             )
 
         return loss

@@ -7,7 +7,12 @@ the share of the clean − corrupted logit-difference gap restored by three edit
   (what `sae-circuits ioi` reports as the ceiling);
 - `error_alone`: the corrupted run with the error term patched, x̄ + (e − ē) (its `error_restored`);
 - `reconstruction`: the clean run with x̂ in place of x (the dictionary spliced in, its error term
-  dropped instead of kept; at a residual site this is also the corrupted run with x̂ everywhere).
+  dropped instead of kept; at a residual site this is also the corrupted run with x̂ everywhere);
+- `corrupted_reconstruction`: the corrupted run with x̂̄ in place of x̄ (0 when the reconstruction
+  keeps the corrupted behaviour);
+- `ceiling_last_error`, `ceiling_earlier_errors`: the ceiling with the clean error term also patched
+  at the last position only (where the logits are read), or at every position but the last: which
+  positions' error terms hold what the ceiling misses.
 
     python scripts/ioi_reconstruction_check.py [--dictionaries main] [--site resid.3 ...] [--n 100]
 """
@@ -64,7 +69,9 @@ def main() -> None:
     results = {}
     for site, dictionary in dictionaries.items():
         block = layers[site.layer]
-        sums = dict.fromkeys(("clean", "corrupt", "ceiling", "error_alone", "reconstruction"), 0.0)
+        keys = ("clean", "corrupt", "ceiling", "error_alone", "reconstruction")
+        keys += ("corrupted_reconstruction", "ceiling_last_error", "ceiling_earlier_errors")
+        sums = dict.fromkeys(keys, 0.0)
         for i in range(len(task)):
             pair = (int(task.answers[i]), int(task.distractors[i]))
             clean = model.tokenizer(task.clean[i], return_tensors="pt").input_ids
@@ -74,11 +81,20 @@ def main() -> None:
             x_hat, x_hat_bar = dictionary(x)[0], dictionary(x_bar)[0]
             sums["clean"] += m_clean
             sums["corrupt"] += m_corrupt
-            sums["ceiling"] += run_with(hf, block, corrupt, pair, x_bar + x_hat - x_hat_bar)[0]
-            sums["error_alone"] += run_with(
-                hf, block, corrupt, pair, x_bar + (x - x_hat) - (x_bar - x_hat_bar)
-            )[0]
-            sums["reconstruction"] += run_with(hf, block, clean, pair, x_hat)[0]
+            ceiling = x_bar + x_hat - x_hat_bar
+            error_change = (x - x_hat) - (x_bar - x_hat_bar)
+            last = torch.zeros(x.shape[:-1] + (1,))
+            last[:, -1] = 1
+            edits = {
+                "ceiling": (corrupt, ceiling),
+                "error_alone": (corrupt, x_bar + error_change),
+                "reconstruction": (clean, x_hat),
+                "corrupted_reconstruction": (corrupt, x_hat_bar),
+                "ceiling_last_error": (corrupt, ceiling + error_change * last),
+                "ceiling_earlier_errors": (corrupt, ceiling + error_change * (1 - last)),
+            }
+            for key, (ids, value) in edits.items():
+                sums[key] += run_with(hf, block, ids, pair, value)[0]
         gap = sums["clean"] - sums["corrupt"]
         results[str(site)] = {
             key: round((value - sums["corrupt"]) / gap, 4)

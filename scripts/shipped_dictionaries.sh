@@ -6,7 +6,7 @@
 #                                                 # dictionaries are skipped, an interrupted train
 #                                                 # command resumes from its OUT/.checkpoint
 #   STAGE=mse bash scripts/shipped_dictionaries.sh   # one stage: mse, kl, kl-resid, transcoders,
-#                                                    # wide, main-wide or report
+#                                                    # wide, main-wide, swap or report
 #
 # Recipe (chosen by the Pareto study of docs/training.md on resid.2): top-k dictionaries with
 # AuxK, 1024 latents (4096 in `wide`), activations normalised to mean squared norm d; trained on
@@ -14,7 +14,8 @@
 # distributions for KL_TOKENS (error term zeroed; `--loss kl --init`); residual dictionaries still
 # above the CE bar continue for up to KL_RESID_ROUNDS x KL_RESID_TOKENS more, then up to
 # KL_DECAY_ROUNDS rounds with a decaying LR; one of `main` still above it after all rounds is
-# replaced by `wide`'s. k = 32 on the residual stream (quality bar: L0 <= 32) and 64 on
+# replaced by `wide`'s; every residual dictionary then has one round of error-swap KL
+# (SWAP_TOKENS). k = 32 on the residual stream (quality bar: L0 <= 32) and 64 on
 # attention and MLP outputs (bar: L0 <= 64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,7 @@ KL_RESID_TOKENS=${KL_RESID_TOKENS:-600000}
 KL_RESID_ROUNDS=${KL_RESID_ROUNDS:-3}
 KL_DECAY_ROUNDS=${KL_DECAY_ROUNDS:-2}
 WIDE_TOKENS=${WIDE_TOKENS:-3000000}
+SWAP_TOKENS=${SWAP_TOKENS:-600000}
 STAGE=${STAGE:-all}
 COMMON=(--seed 0 --kind topk --batch-size 1024 --warmup-steps 100 --n-ctxs 256 --ctx-len 128
         --eval-tokens "${EVAL_TOKENS:-16384}" --checkpoint-every 200)
@@ -43,6 +45,7 @@ trained() { [[ -f "$1/config.json" ]]; }  # a finished train command saved its c
 above_bar() {  # above_bar FOLDER: its CE increase (measured by train) is above 0.05 nats
   python -c "import json, sys; sys.exit(json.load(open(sys.argv[1] + '/config.json'))['metrics']['ce_delta'] <= 0.05)" "$1"
 }
+size_of() { python -c "import json, sys; print(json.load(open(sys.argv[1] + '/config.json'))['d_dict'])" "$1"; }
 k_of() { python -c "import json, sys; print(json.load(open(sys.argv[1] + '/config.json'))['k'])" "$1"; }
 # kl_rounds SET DICT_SIZE START PREFIX SITE...: each dictionary of SET at SITE (trained first in
 # START/) whose CE increase is still above the bar (0.05 nats) continues its KL fine-tuning in
@@ -146,6 +149,38 @@ if run main-wide; then
   for site in $(resid_sites); do
     if above_bar "$OUT/main/$site"; then
       above_bar "$OUT/wide/$site" && { echo "wide/$site is above the CE bar too" >&2; exit 1; }
+      rm -rf "${OUT:?}/main/$site"
+      cp -r "$OUT/wide/$site" "$OUT/main/$site"
+    fi
+  done
+fi
+
+# 6. Error-swap rounds: every residual dictionary of SWAP_SETS continues its KL fine-tuning for
+#    SWAP_TOKENS with `--error-swap 1` (the KL taken with another context's error term added to
+#    the reconstruction, see docs/training.md), from the weights in OUT into RUNS/swap-SET, and
+#    replaces them when it still meets the CE bar (else they stay, with a message). `main`'s
+#    dictionaries that are `wide`'s (step 5) take `wide`'s result. SWAP_SITES limits the sites
+#    (e.g. to run sets and sites side by side in several processes).
+if run swap; then
+  for set in ${SWAP_SETS:-wide main}; do
+    for site in ${SWAP_SITES:-$(resid_sites)}; do
+      from=$OUT/$set/$site
+      [[ $set == main && $(size_of "$from") == 4096 ]] && continue  # wide's: copied below
+      to=$RUNS/swap-$set
+      trained "$to/$site" ||
+        sae-circuits train --site "$site" --dict-size "$(size_of "$from")" --k 32 --loss kl \
+          --error-swap 1 --init "$from" --lr 3e-4 --tokens "$SWAP_TOKENS" "${COMMON[@]}" \
+          --warmup-steps 20 --fp16 --out "$to"
+      if above_bar "$to/$site"; then
+        echo "swap-$set/$site is above the CE bar: $set/$site stays" >&2
+      else
+        rm -rf "${OUT:?}/$set/$site"
+        cp -r "$to/$site" "$OUT/$set/$site"
+      fi
+    done
+  done
+  for site in $(resid_sites); do
+    if [[ $(size_of "$OUT/main/$site") == 4096 ]]; then
       rm -rf "${OUT:?}/main/$site"
       cp -r "$OUT/wide/$site" "$OUT/main/$site"
     fi

@@ -272,6 +272,65 @@ def test_kl_and_downstream_gradients_match_plain_torch(model_dirs) -> None:
         torch.testing.assert_close(ours_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
 
 
+def plain_swapped_kl(hf, layer, d, ids):
+    """Plain torch: KL(clean ‖ x̂ + e') at every pair, e' the error term of the position
+    (rows × (ctx − 1)) // 2 further on among the non-first positions, row-major."""
+    with torch.no_grad():
+        clean_logits = hf(ids).logits
+
+    def splice(module, inputs, output):
+        x = output[0] if isinstance(output, tuple) else output
+        x_hat = d(x)[0]
+        error = (x - x_hat)[:, 1:].reshape(-1, x.shape[-1])
+        shift = len(error) // 2
+        swapped = torch.cat([error[-shift:], error[:-shift]]).view_as(x[:, 1:])
+        value = torch.cat([x[:, :1], x_hat[:, 1:] + swapped], 1)
+        return (value, *output[1:]) if isinstance(output, tuple) else value
+
+    handle = layer.register_forward_hook(splice)
+    logits = hf(ids).logits
+    handle.remove()
+    p = clean_logits[:, :-1].reshape(-1, clean_logits.shape[-1]).log_softmax(-1)
+    q = logits[:, :-1].reshape(-1, logits.shape[-1]).log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("share", [0.3, 1.0])
+def test_error_swap_loss_matches_plain_torch(model_dirs, share) -> None:
+    """`error_swap` = s: (1 − s) KL with the error dropped + s KL with each position's error term
+    replaced by that of the position half a batch away (another row), value and gradients."""
+    model = load_model(model_dirs["gpt_neox"])
+    hf = model._module
+    layers = hf.gpt_neox.layers
+    torch.manual_seed(0)
+    d = Dictionary.from_config(
+        DictionaryConfig("untied", model.config.hidden_size, 32, site="resid.0")
+    )
+    with torch.no_grad():
+        d.b_enc.normal_(0, 0.5)
+    ids = torch.randint(1, model.config.vocab_size, (4, 9))
+    site = Site.parse("resid.0")
+    with temporarily_attached(model, {site: d}):
+        clean = clean_run(model, ids, [site])
+        ours = spliced_loss(model, site, clean, error_swap=share)
+        ours_grads = grads(d, ours)
+    dropped, _ = plain_kl_and_downstream(hf, layers, d, ids)
+    swapped = plain_swapped_kl(hf, layers[0], d, ids)
+    assert abs(float(swapped) - float(dropped)) > 0.1 * float(dropped)  # the two terms differ
+    plain = (1 - share) * dropped + share * swapped
+    plain_grads = grads(d, plain)
+    assert float(ours) == pytest.approx(float(plain), rel=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(ours_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_error_swap_needs_a_kl_loss() -> None:
+    with pytest.raises(UserInputError, match="error_swap"):
+        TrainSpec("resid.0", error_swap=0.5)
+    with pytest.raises(UserInputError, match="error_swap"):
+        TrainSpec("resid.0", loss="kl", error_swap=1.5)
+
+
 @pytest.mark.parametrize("loss", ["kl", "e2e-ds"])
 def test_objective_training_resumes_identically(model_dirs, tmp_path, loss) -> None:
     model = load_model(model_dirs["gpt_neox"])

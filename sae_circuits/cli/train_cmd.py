@@ -36,6 +36,7 @@ SPEC_OPTIONS = (
     "aux_k",
     "aux_coefficient",
     "downstream_coefficient",
+    "error_swap",
     "skip",
     "init",
     "lr",
