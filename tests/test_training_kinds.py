@@ -247,16 +247,23 @@ def plain_kl_and_downstream(hf, layers, d, ids, keep_first=True):
     return kl, torch.stack(errors).mean()
 
 
-def test_kl_and_downstream_gradients_match_plain_torch(model_dirs) -> None:
+def model_and_resid0_dictionary(model_dirs) -> tuple:
+    """The tiny GPT-NeoX model and a random untied dictionary for its resid.0 (biased so that
+    features fire)."""
     model = load_model(model_dirs["gpt_neox"])
-    hf = model._module
-    layers = hf.gpt_neox.layers
     torch.manual_seed(0)
     d = Dictionary.from_config(
         DictionaryConfig("untied", model.config.hidden_size, 32, site="resid.0")
     )
     with torch.no_grad():
         d.b_enc.normal_(0, 0.5)
+    return model, d
+
+
+def test_kl_and_downstream_gradients_match_plain_torch(model_dirs) -> None:
+    model, d = model_and_resid0_dictionary(model_dirs)
+    hf = model._module
+    layers = hf.gpt_neox.layers
     ids = torch.randint(1, model.config.vocab_size, (3, 9))
     site = Site.parse("resid.0")
     later = [Site.parse(f"resid.{i}") for i in range(1, model.config.num_hidden_layers)]
@@ -299,15 +306,9 @@ def plain_swapped_kl(hf, layer, d, ids):
 def test_error_swap_loss_matches_plain_torch(model_dirs, share) -> None:
     """`error_swap` = s: (1 − s) KL with the error dropped + s KL with each position's error term
     replaced by that of the position half a batch away (another row), value and gradients."""
-    model = load_model(model_dirs["gpt_neox"])
+    model, d = model_and_resid0_dictionary(model_dirs)
     hf = model._module
     layers = hf.gpt_neox.layers
-    torch.manual_seed(0)
-    d = Dictionary.from_config(
-        DictionaryConfig("untied", model.config.hidden_size, 32, site="resid.0")
-    )
-    with torch.no_grad():
-        d.b_enc.normal_(0, 0.5)
     ids = torch.randint(1, model.config.vocab_size, (4, 9))
     site = Site.parse("resid.0")
     with temporarily_attached(model, {site: d}):
