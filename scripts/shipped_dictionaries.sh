@@ -157,8 +157,9 @@ fi
 
 # 6. Error-swap rounds: every residual dictionary of SWAP_SETS continues its KL fine-tuning for
 #    SWAP_TOKENS with `--error-swap 1` (the KL taken with another context's error term added to
-#    the reconstruction, see docs/training.md), from the weights in OUT into RUNS/swap-SET, and
-#    replaces them when it still meets the CE bar (else they stay, with a message). `main`'s
+#    the reconstruction, see docs/training.md), from the weights in OUT into RUNS/swap-SET, or if
+#    that costs the CE bar with `--error-swap 0.5` (RUNS/swap-0.5-SET), and replaces them when it
+#    meets the bar (else they stay, with a message). `main`'s
 #    dictionaries that are `wide`'s (step 5) take `wide`'s result. SWAP_SITES limits the sites
 #    (e.g. to run sets and sites side by side in several processes).
 if run swap; then
@@ -166,13 +167,18 @@ if run swap; then
     for site in ${SWAP_SITES:-$(resid_sites)}; do
       from=$OUT/$set/$site
       [[ $set == main && $(size_of "$from") == 4096 ]] && continue  # wide's: copied below
-      to=$RUNS/swap-$set
-      trained "$to/$site" ||
-        sae-circuits train --site "$site" --dict-size "$(size_of "$from")" --k 32 --loss kl \
-          --error-swap 1 --init "$from" --lr 3e-4 --tokens "$SWAP_TOKENS" "${COMMON[@]}" \
-          --warmup-steps 20 --fp16 --out "$to"
+      for share in 1 0.5; do  # half the KL with the error dropped when all of it costs the bar
+        to=$RUNS/swap-$set
+        [[ $share == 1 ]] || to=$RUNS/swap-$share-$set
+        trained "$to/$site" ||
+          sae-circuits train --site "$site" --dict-size "$(size_of "$from")" --k 32 --loss kl \
+            --error-swap "$share" --init "$from" --lr 3e-4 --tokens "$SWAP_TOKENS" \
+            "${COMMON[@]}" --warmup-steps 20 --fp16 --out "$to"
+        above_bar "$to/$site" || break
+        echo "$to/$site is above the CE bar" >&2
+      done
       if above_bar "$to/$site"; then
-        echo "swap-$set/$site is above the CE bar: $set/$site stays" >&2
+        echo "$set/$site stays" >&2
       else
         rm -rf "${OUT:?}/$set/$site"
         cp -r "$to/$site" "$OUT/$set/$site"
