@@ -190,6 +190,10 @@ def evaluate(
         if means is None and ablations:
             means = mean_activations(model, list(dictionaries), batches, skip_first, bar, remote)
         means = SiteMap(means or {})
+        replaced = {  # per site: the ablated runs by name, with the value the site takes
+            site: {"zero": torch.zeros_like(means[site]), "mean": means[site]} if ablations else {}
+            for site in dictionaries
+        }
         for index, batch in enumerate(batches):
             ids, mask = split_batch(batch)
             scored = scored_positions(mask, skip_first)
@@ -198,11 +202,6 @@ def evaluate(
             clean = _CleanTokens(clean_logits, ids, mask)
             for site in dictionaries:
                 features, error, rebuild = reads[site]
-                replaced = (
-                    {"zero": torch.zeros_like(means[site]), "mean": means[site]}
-                    if ablations
-                    else {}
-                )
                 spliced_ce = _evaluate_site(
                     model,
                     site,
@@ -211,7 +210,7 @@ def evaluate(
                     features,
                     error,
                     rebuild,
-                    replaced,
+                    replaced[site],
                     clean,
                     totals[site],
                     remote,
